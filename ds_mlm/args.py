@@ -1,0 +1,206 @@
+"""Command-line arguments: three dataclasses grouped by concern, parsed from every flag of the ancestor's command.
+
+The flags are those of thai2transformers' / HuggingFace's `run_mlm.py`, so an old command runs unchanged behind
+`deepspeed` or `torchrun`. Each field's `help` is its `--help` line. Each dataclass validates itself in
+`__post_init__` and raises `UserError` with the fix. `parse_args` also records which flags were given on the command
+line (`TrainingArguments.explicit_flags`): a given flag overrides the ds_config JSON, a default does not.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ds_mlm.errors import UserError
+
+ARCHITECTURES = ("roberta-tiny", "roberta-base", "roberta-large")
+DATASET_TYPES = ("MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset")
+LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field whose `help` becomes its `--help` line."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArguments:
+    tokenizer_name_or_path: Optional[str] = arg(None, "Directory of the tokenizer (an HF tokenizer dir, or one written by ds-mlm-train-tokenizer).")
+    tokenizer_type: str = arg("auto", "Tokenizer class: auto, spm/ThaiRobertaTokenizer, newmm/ThaiWordsNewmmTokenizer, syllable/ThaiWordsSyllableTokenizer, sefr_cut/FakeSefrCutTokenizer.")
+    use_fast_tokenizer: bool = arg(True, "Prefer a fast (Rust) tokenizer when the directory has one.")
+    add_space_token: bool = arg(False, "Map spaces to the space token <_> so decoding restores them (ancestor flag).")
+    architecture: str = arg("roberta-base", f"Model size preset: {', '.join(ARCHITECTURES)}.")
+    config_name: Optional[str] = arg(None, "A RobertaConfig JSON file to use instead of --architecture.")
+    model_name_or_path: Optional[str] = arg(None, "Warm start: an HF RoBERTa directory (e.g. an earlier export) to continue pretraining from.")
+    model_dir: Optional[str] = arg(None, "Warm start, ancestor style: a directory holding pytorch_model.bin or model.safetensors.")
+
+    def __post_init__(self):
+        if self.config_name is None and self.architecture not in ARCHITECTURES:
+            raise UserError(f"unknown --architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}, "
+                            "or give a RobertaConfig JSON with --config_name")
+        if self.config_name is not None and not os.path.isfile(self.config_name):
+            raise UserError(f"--config_name {self.config_name}: no such file; give a RobertaConfig JSON file")
+        if self.model_name_or_path and self.model_dir:
+            raise UserError("--model_name_or_path and --model_dir both given: warm start from one of them")
+
+
+@dataclass
+class DataArguments:
+    train_dir: Optional[str] = arg(None, "Directory of training text files; every *.{ext} file in it is used (sorted).")
+    eval_dir: Optional[str] = arg(None, "Directory of evaluation text files; every *.{ext} file in it is used.")
+    ext: str = arg("txt", "Extension of the text files, with or without the dot (txt or .txt).")
+    max_seq_length: int = arg(512, "Tokens per training sample, <s> and </s> included (the block size).")
+    mlm_probability: float = arg(0.15, "Share of tokens to mask.")
+    datasets_cache_dir: Optional[str] = arg(None, "Where the tokenized token stores live (train/ and validation/). Default: {output_dir}/datasets_cache.")
+    datasets_type: str = arg("MemmapConcatFullSentenceTextDataset", f"How lines become samples: {' or '.join(DATASET_TYPES)}.")
+    long_sentence: str = arg("split", "A line longer than one block: split (keep every token), skip (the ancestor), or truncate.")
+    overwrite_cache: bool = arg(False, "Rebuild the token stores even if they match the inputs.")
+    tokenize_chunksize: int = arg(2500, "Lines per tokenization chunk (memory use of the build scales with this).")
+    preprocessing_num_workers: Optional[int] = arg(None, "Worker processes for tokenization (default: all cores of the node).")
+    cache_scope: str = arg("auto", "Is --datasets_cache_dir shared by all nodes (shared: global rank 0 builds) or not (local: local rank 0 of each node builds); auto detects.")
+    build_dataset_only: bool = arg(False, "Build the train and eval token stores, print the report, and exit.")
+
+    def __post_init__(self):
+        self.ext = self.ext.lstrip(".")  # the ancestor's default ".txt" made the pattern "*..txt": accept both
+        if not self.ext:
+            raise UserError("--ext is empty: give the text files' extension, e.g. --ext txt")
+        if self.max_seq_length < 3:
+            raise UserError(f"--max_seq_length {self.max_seq_length} cannot hold <s>, one token and </s>: use at least 3 (typically 128 or 512)")
+        if self.datasets_type not in DATASET_TYPES:
+            raise UserError(f"unknown --datasets_type {self.datasets_type!r}: use {' or '.join(DATASET_TYPES)}")
+        if self.long_sentence not in LONG_SENTENCE_POLICIES:
+            raise UserError(f"unknown --long_sentence {self.long_sentence!r}: use one of {', '.join(LONG_SENTENCE_POLICIES)}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise UserError(f"--mlm_probability {self.mlm_probability} must be between 0 and 1 (0.15 is usual)")
+        if self.tokenize_chunksize < 1:
+            raise UserError("--tokenize_chunksize must be at least 1")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise UserError("--preprocessing_num_workers must be at least 1")
+        if self.cache_scope not in ("auto", "shared", "local"):
+            raise UserError(f"unknown --cache_scope {self.cache_scope!r}: use auto, shared or local")
+        if self.train_dir is None:
+            raise UserError("--train_dir is required: the directory of training *.txt files")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: Optional[str] = arg(None, "Where checkpoints, logs, the resolved ds_config and the final model go.")
+    deepspeed_config: Optional[str] = arg(None, "DeepSpeed config JSON (default: ds_configs/zero2.json, bf16 on CPU). Flags given on the command line override it.")
+    local_rank: int = arg(-1, "Set by the launcher; ranks are read from the environment.")
+    learning_rate: float = arg(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.999, "AdamW beta2.")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables).")
+    max_steps: int = arg(-1, "Optimizer steps to train for; overrides --num_train_epochs when > 0.")
+    num_train_epochs: float = arg(3.0, "Epochs to train for when --max_steps is not given.")
+    per_device_train_batch_size: int = arg(8, "Micro-batch size per process.")
+    per_device_eval_batch_size: int = arg(8, "Evaluation batch size per process.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = arg(0, "Linear warm-up steps of the learning rate.")
+    lr_scheduler_type: str = arg("linear", f"Schedule after warm-up: {', '.join(SCHEDULERS)}.")
+    seed: int = arg(42, "Seed of the model init, the sample order and the masking.")
+    fp16: bool = arg(False, "Mixed precision fp16 (dynamic loss scale). Where the device cannot do fp16 (most CPUs) bf16 is used, with a warning.")
+    bf16: bool = arg(False, "Mixed precision bf16.")
+    save_steps: int = arg(500, "Save a checkpoint every N optimizer steps.")
+    save_total_limit: Optional[int] = arg(None, "Keep at most N checkpoints (the newest complete one is never deleted).")
+    resume_from_checkpoint: Optional[str] = arg(None, "Checkpoint directory to resume from (default: the newest complete one in --output_dir).")
+    logging_steps: int = arg(500, "Log loss, learning rate, grad norm and throughput every N optimizer steps.")
+    logging_dir: Optional[str] = arg(None, "TensorBoard directory (default: {output_dir}/runs).")
+    evaluation_strategy: str = arg("no", f"When to evaluate: {', '.join(EVAL_STRATEGIES)}.")
+    eval_steps: Optional[int] = arg(None, "Evaluate every N optimizer steps (default: --logging_steps).")
+    prediction_loss_only: bool = arg(False, "Evaluation reports the loss only (always true here; accepted for compatibility).")
+    do_train: bool = arg(True, "Accepted for compatibility with HF commands; training always runs.")
+    do_eval: bool = arg(False, "Accepted for compatibility with HF commands; evaluation follows --evaluation_strategy.")
+    overwrite_output_dir: bool = arg(False, "Start afresh even if --output_dir holds checkpoints (default: resume from them).")
+    dataloader_num_workers: int = arg(0, "Accepted for compatibility; samples are read zero-copy in the training process.")
+    explicit_flags: frozenset = field(default=frozenset(), metadata={"help": None})  # set by parse_args, not a flag
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UserError("--output_dir is required: where checkpoints and the final model go")
+        if self.fp16 and self.bf16:
+            raise UserError("--fp16 and --bf16 both given: choose one precision")
+        if self.evaluation_strategy not in EVAL_STRATEGIES:
+            raise UserError(f"unknown --evaluation_strategy {self.evaluation_strategy!r}: use one of {', '.join(EVAL_STRATEGIES)}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise UserError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}")
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps  # as HF does
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "save_steps", "logging_steps", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)} must be at least 1")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserError(f"--save_total_limit {self.save_total_limit} would keep no checkpoint: use at least 1, or omit it to keep all")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UserError("nothing to train: give --max_steps N (or --num_train_epochs > 0)")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate {self.learning_rate} must be positive")
+        if self.warmup_steps < 0:
+            raise UserError("--warmup_steps must be 0 or more")
+        if self.logging_dir is None:
+            self.logging_dir = os.path.join(self.output_dir, "runs")
+
+
+GROUPS = (ModelArguments, DataArguments, TrainingArguments)
+ALIASES = {  # other spellings seen in users' commands
+    "local_rank": ["--local-rank"],  # torch.distributed.launch passes --local-rank=N
+    "evaluation_strategy": ["--eval_strategy"],  # the name in transformers >= 4.41
+    "deepspeed_config": ["--deepspeed"],  # the HF Trainer's name
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _base_type(tp):
+    """int for Optional[int], and so on."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_mlm.py", description="Pretrain a RoBERTa masked language model with DeepSpeed.",
+        allow_abbrev=False)  # abbreviations would make a typo silently mean another flag
+    for group_cls in GROUPS:
+        group = parser.add_argument_group(group_cls.__name__)
+        hints = typing.get_type_hints(group_cls)
+        for f in dataclasses.fields(group_cls):
+            if f.metadata.get("help") is None:
+                continue
+            names = [f"--{f.name}", *ALIASES.get(f.name, [])]
+            tp = _base_type(hints[f.name])
+            if tp is bool:  # `--fp16` alone means true; `--fp16 false` also parses, as in HF
+                group.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
+                                   default=argparse.SUPPRESS, help=f.metadata["help"])
+            else:
+                group.add_argument(*names, dest=f.name, type=tp, default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), help=f.metadata["help"])
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse argv into (ModelArguments, DataArguments, TrainingArguments); errors are one line and exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = vars(build_parser().parse_args(argv))  # only the flags on the command line (defaults are SUPPRESSed)
+    out = []
+    for group_cls in GROUPS:
+        names = {f.name for f in dataclasses.fields(group_cls)}
+        kwargs = {k: v for k, v in given.items() if k in names}
+        if group_cls is TrainingArguments:
+            kwargs["explicit_flags"] = frozenset(given)
+        out.append(group_cls(**kwargs))
+    return tuple(out)

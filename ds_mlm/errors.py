@@ -1,0 +1,41 @@
+"""User-facing errors: one line that says what is wrong and how to fix it, then a non-zero exit.
+
+Anything raised as `UserError` is a mistake the user can fix (a flag, a path, a file); the `cli` wrapper prints it as
+`ds-mlm: error: <message>` and exits with status 2, without a traceback. Every other exception is a bug and keeps
+its traceback.
+"""
+
+import functools
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message says what is wrong and how to fix it."""
+
+
+def _rank_prefix() -> str:
+    # In a multi-process job every rank would print the same line; say which one spoke.
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+
+
+def cli(main):
+    """Wrap `main(argv=None) -> int` so that a UserError becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            code = main(argv)
+        except UserError as e:
+            message = " ".join(str(e).split("\n"))  # one line, always
+            print(f"{_rank_prefix()}ds-mlm: error: {message}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print(f"{_rank_prefix()}ds-mlm: interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+        sys.exit(code or 0)
+
+    return wrapper
