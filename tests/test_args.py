@@ -1,0 +1,87 @@
+"""The command line: every flag of the ancestor's command parses, and bad values are one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ds_mlm.args import build_parser, parse_args
+from ds_mlm.errors import UserError
+
+SEED_COMMAND = (
+    "--tokenizer_name_or_path T --ext txt --train_dir D --eval_dir E --fp16 --max_seq_length 128 "
+    "--learning_rate 5e-4 --weight_decay 0.01 --adam_beta2 0.98 --adam_epsilon 1e-6 --max_steps 20 "
+    "--per_device_train_batch_size 4 --per_device_eval_batch_size 4 --gradient_accumulation_steps 2 "
+    "--warmup_steps 5 --seed 1234 --save_steps 10 --logging_steps 10 --save_total_limit 100 "
+    "--evaluation_strategy steps --eval_steps 10 --prediction_loss_only --logging_dir L --output_dir O "
+    "--add_space_token --datasets_cache_dir C --datasets_type MemmapConcatFullSentenceTextDataset "
+    "--architecture roberta-base --tokenizer_type spm"
+).split()
+SEED_FLAGS = [a[2:] for a in SEED_COMMAND if a.startswith("--")]
+
+
+def test_seed_command_parses_into_the_right_fields():
+    model, data, train = parse_args(SEED_COMMAND)
+    assert (model.tokenizer_name_or_path, model.tokenizer_type, model.add_space_token) == ("T", "spm", True)
+    assert (data.train_dir, data.eval_dir, data.ext, data.max_seq_length) == ("D", "E", "txt", 128)
+    assert data.datasets_cache_dir == "C" and data.datasets_type == "MemmapConcatFullSentenceTextDataset"
+    assert (train.learning_rate, train.weight_decay, train.adam_beta2, train.adam_epsilon) == (5e-4, 0.01, 0.98, 1e-6)
+    assert (train.max_steps, train.per_device_train_batch_size, train.gradient_accumulation_steps) == (20, 4, 2)
+    assert (train.warmup_steps, train.seed, train.save_steps, train.save_total_limit) == (5, 1234, 10, 100)
+    assert (train.evaluation_strategy, train.eval_steps, train.logging_dir, train.output_dir) == ("steps", 10, "L", "O")
+    assert train.fp16 and train.prediction_loss_only and not train.bf16
+    assert set(SEED_FLAGS) <= train.explicit_flags
+    assert "adam_beta1" not in train.explicit_flags  # defaults are not "given": the ds_config JSON may set them
+
+
+def test_help_lists_every_seed_flag_with_a_description():
+    text = build_parser().format_help()
+    for flag in SEED_FLAGS + ["deepspeed_config", "local_rank", "build_dataset_only"]:
+        assert f"--{flag}" in text
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help line"
+
+
+@pytest.mark.parametrize("spelling", ["--local_rank=1", "--local-rank=1", "--local_rank 1"])
+def test_launchers_local_rank_spellings(spelling):
+    *_, train = parse_args(["--train_dir", "D", "--output_dir", "O", *spelling.split()])
+    assert train.local_rank == 1
+
+
+def test_ext_with_or_without_dot_and_aliases():
+    _, data, train = parse_args(["--train_dir", "D", "--output_dir", "O", "--ext", ".txt", "--eval_strategy", "steps",
+                                 "--deepspeed", "x.json"])
+    assert data.ext == "txt" and train.evaluation_strategy == "steps" and train.deepspeed_config == "x.json"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--max_seq_length", "2"], "max_seq_length"),
+    (["--architecture", "roberta-huge"], "roberta-tiny"),
+    (["--datasets_type", "Nope"], "MemmapLineByLineTextDataset"),
+    (["--save_total_limit", "0"], "save_total_limit"),
+    (["--fp16", "--bf16"], "choose one"),
+    (["--evaluation_strategy", "sometimes"], "steps"),
+    (["--per_device_train_batch_size", "0"], "at least 1"),
+    (["--long_sentence", "chop"], "split"),
+])
+def test_bad_values_are_user_errors_that_name_the_fix(extra, words):
+    with pytest.raises(UserError, match=words):
+        parse_args(["--train_dir", "D", "--output_dir", "O", *extra])
+
+
+def test_missing_required_flags():
+    with pytest.raises(UserError, match="--train_dir"):
+        parse_args(["--output_dir", "O"])
+    with pytest.raises(UserError, match="--output_dir"):
+        parse_args(["--train_dir", "D"])
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    for argv, needle in ((["--max_seq_length", "abc"], "invalid int value"),
+                         (["--save_total_limit", "0"], "save_total_limit"),
+                         (["--no_such_flag", "1"], "unrecognized arguments")):
+        proc = subprocess.run([sys.executable, "-m", "ds_mlm.run_mlm", "--train_dir", "D", "--output_dir",
+                               str(tmp_path), *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+        assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
