@@ -1,0 +1,298 @@
+"""Benchmark of the training engine, measured side by side in one run (not a test; prints ratios).
+
+    .venv/bin/python bench/train.py [--steps 30] [--repeats 2] [--threads 2]
+
+1. tokens/s of the DeepSpeed engine (ZeRO-0 fp32, ZeRO-2 bf16; torch_adam, as ds-mlm runs on CPU) against a plain
+   PyTorch loop (torch.optim.AdamW, same param groups, clipping, schedule and fp32 masked-token loss), same model,
+   same pre-collated batches, same threads; repeats interleaved so machine noise hits all alike.
+   Target: ZeRO-0 fp32 >= 0.9x plain.
+2. The share of the real Trainer's step time spent waiting for data (sampler + token-store reads + collator),
+   ZeRO-2 bf16 on the sample corpus. Target: < 3 %.
+3. Per-rank optimizer-state bytes (the tensors in the optimizer's state: Adam moments, plus fp32 master partitions
+   under bf16), ZeRO-2 on 2 ranks vs ZeRO-0 on 2 ranks (torchrun, two processes). Target: about half.
+
+The machine is shared: the load average is printed before and after.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)  # tiny-ish
+SEQ, MICRO, VOCAB_TRAIN_LINES = 128, 8, 4000
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- shared pieces ------------------------------------------------------------------------------------------------
+
+def tokenizer_and_data(workdir: Path):
+    """A BPE tokenizer trained on the sample corpus, and the train token store built by ds-mlm's own data code."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_bpe_tokenizer
+    from transformers import AutoTokenizer
+
+    from ds_mlm.args import DataArguments
+    from ds_mlm.distributed import env_info
+    from ds_mlm.prepare import prepare_datasets
+
+    tok_dir = workdir / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+        build_bpe_tokenizer(tok_dir, vocab_size=8000)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    data_args = DataArguments(train_dir=str(REPO / "data" / "sample" / "train"), max_seq_length=SEQ)
+    train_ds, _ = prepare_datasets(data_args, tokenizer, env_info(), str(workdir / "cache"))
+    return tokenizer, train_ds, data_args
+
+
+def make_model(tokenizer, seed=0):
+    import torch
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=SEQ + 2, type_vocab_size=1,
+                           layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2, **MODEL)
+    return RobertaForMaskedLM(config)
+
+
+def train_args(workdir: Path, *flags):
+    from ds_mlm.args import parse_args
+
+    return parse_args(["--train_dir", str(workdir), "--output_dir", str(workdir / "out"), "--learning_rate", "1e-4",
+                       "--warmup_steps", "5", "--max_steps", "1000", "--per_device_train_batch_size", str(MICRO),
+                       "--logging_steps", "1000", "--save_steps", "1000000", *flags])[2]
+
+
+# -- 1. engine vs plain PyTorch -----------------------------------------------------------------------------------
+
+def fixed_batches(tokenizer, train_ds, n):
+    from ds_mlm.collator import MLMCollator
+
+    collator = MLMCollator.from_tokenizer(tokenizer, mlm_probability=0.15, seed=0)
+    out = []
+    for b in range(n):
+        indices = [(b * MICRO + i) % len(train_ds) for i in range(MICRO)]
+        out.append(collator(train_ds.__getitems__(indices), indices, 0))
+    return out
+
+
+def run_plain(model, batches, args) -> float:
+    import torch
+    from transformers import get_scheduler
+
+    from ds_mlm.ds_config import param_groups
+    from ds_mlm.trainer import masked_lm_loss
+
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    sched = get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+    model.train()
+    start = None
+    for i, batch in enumerate(batches):
+        if i == 3:
+            start = time.perf_counter()  # the first steps allocate optimizer state and warm caches
+        loss_sum, count = masked_lm_loss(model, batch)  # called like the engine
+        (loss_sum / count.clamp(min=1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return sum(int(b["attention_mask"].sum()) for b in batches[3:]) / (time.perf_counter() - start)
+
+
+def run_engine(model, batches, args, config_name) -> float:
+    import deepspeed
+
+    from ds_mlm.ds_config import param_groups, resolve_ds_config
+    from ds_mlm.trainer import masked_lm_loss
+
+    config = resolve_ds_config(args, world_size=1)
+    from transformers import get_scheduler
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, args.weight_decay), config=config,
+        lr_scheduler=lambda opt: get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps,
+                                               num_training_steps=args.max_steps))
+    engine.train()
+    start = None
+    for i, batch in enumerate(batches):
+        if i == 3:
+            start = time.perf_counter()
+        loss_sum, count = masked_lm_loss(engine, batch)
+        engine.backward(loss_sum / count.clamp(min=1))
+        engine.step()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[3:]) / (time.perf_counter() - start)
+    engine.destroy()
+    return tokens
+
+
+def bench_throughput(workdir, tokenizer, train_ds, steps, repeats):
+    batches = fixed_batches(tokenizer, train_ds, steps + 3)
+    setups = {"plain PyTorch fp32 AdamW": lambda: run_plain(make_model(tokenizer), batches, train_args(workdir)),
+              "DeepSpeed ZeRO-0 fp32": lambda: run_engine(make_model(tokenizer), batches,
+                                                          train_args(workdir, "--deepspeed_config", "zero0.json"), "z0"),
+              "DeepSpeed ZeRO-2 bf16": lambda: run_engine(make_model(tokenizer), batches,
+                                                          train_args(workdir, "--deepspeed_config", "zero2.json"), "z2")}
+    results = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, run in setups.items():  # interleaved
+            results[name].append(run())
+    best = {name: max(v) for name, v in results.items()}
+    plain = best["plain PyTorch fp32 AdamW"]
+    print(f"\n1. throughput ({steps} steps x {repeats} repeats, micro batch {MICRO}, seq {SEQ}, "
+          f"{MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']}; best of repeats)")
+    for name, v in results.items():
+        print(f"   {name:28s} {best[name]:9,.0f} tokens/s  ({', '.join(f'{x:,.0f}' for x in v)})  "
+              f"ratio {best[name] / plain:.3f}x plain")
+    return best
+
+
+# -- 2. data share in the real Trainer ----------------------------------------------------------------------------
+
+def bench_data_share(workdir, tokenizer, train_ds, data_args, steps):
+    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.trainer import Trainer
+
+    class TimedTrainer(Trainer):
+        data_seconds = 0.0
+
+        def _batches(self):
+            inner = super()._batches()
+            while True:
+                t = time.perf_counter()
+                item = next(inner)
+                TimedTrainer.data_seconds += time.perf_counter() - t
+                yield item
+
+    args = train_args(workdir, "--deepspeed_config", "zero2.json", "--max_steps", str(steps),
+                      "--overwrite_output_dir", "true")
+    config = resolve_ds_config(args, world_size=1)
+    from ds_mlm.distributed import env_info
+
+    trainer = TimedTrainer(model=make_model(tokenizer), tokenizer=tokenizer, train_dataset=train_ds,
+                           eval_dataset=None, args=args, data_args=data_args, ds_config=config, dist=env_info())
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    share = TimedTrainer.data_seconds / total
+    print(f"\n2. data wait in Trainer.train (ZeRO-2 bf16, {steps} steps): {TimedTrainer.data_seconds * 1e3:.1f} ms of "
+          f"{total:.2f} s = {100 * share:.2f} % (target < 3 %)")
+    trainer.engine.destroy()
+    return share
+
+
+# -- 3. optimizer-state memory, 2 ranks ----------------------------------------------------------------------------
+
+def optimizer_state_bytes(engine) -> dict:
+    import torch
+
+    basic = engine.basic_optimizer if hasattr(engine, "basic_optimizer") else engine.optimizer
+    moments = sum(t.numel() * t.element_size() for s in basic.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0)
+    masters = 0
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups"):
+        groups = getattr(engine.optimizer, attr, None)
+        if groups:
+            flat = [t for g in groups for t in (g if isinstance(g, list) else [g])]
+            masters = sum(t.numel() * t.element_size() for t in flat)
+            break
+    return {"moments": moments, "fp32_masters": masters}
+
+
+def memory_worker(workdir: Path, config_name: str, flags: list) -> None:
+    import deepspeed
+
+    from ds_mlm import distributed
+    from ds_mlm.ds_config import param_groups, resolve_ds_config
+
+    dist = distributed.init()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
+    model = make_model(tokenizer)
+    args = train_args(workdir, "--deepspeed_config", config_name, *flags)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0),
+                                      config=resolve_ds_config(args, dist.world_size))
+    import torch
+
+    batch = {"input_ids": torch.randint(5, len(tokenizer), (2, 16))}
+    out = engine(**batch, labels=batch["input_ids"])
+    engine.backward(out.loss)
+    engine.step()  # Adam state exists after the first step
+    sizes = optimizer_state_bytes(engine)
+    params = sum(p.numel() for p in model.parameters())
+    print("MEM " + json.dumps({"rank": dist.rank, "config": config_name, "params": params, **sizes}), flush=True)
+
+
+def bench_memory(workdir):
+    results = {}
+    for config_name, flag in (("zero0.json", ""), ("zero2.json", "--bf16 false"), ("zero2.json", "")):
+        label = f"{config_name} {'fp32' if flag else 'bf16'}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), __file__, "--memory-worker", str(workdir), config_name, flag]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [json.loads(x[4:]) for x in proc.stdout.splitlines() if x.startswith("MEM ")]
+        if proc.returncode != 0 or len(lines) != 2:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raise SystemExit(f"memory worker failed for {label}")
+        results[label] = sorted(lines, key=lambda r: r["rank"])
+    base = results["zero0.json fp32"][0]["moments"]
+    print(f"\n3. optimizer state per rank, 2 ranks ({results['zero0.json fp32'][0]['params']:,} parameters)")
+    for label, ranks in results.items():
+        per = ", ".join(f"rank {r['rank']}: moments {r['moments'] / 2**20:.2f} MiB + fp32 masters "
+                        f"{r['fp32_masters'] / 2**20:.2f} MiB" for r in ranks)
+        print(f"   {label:18s} {per}  -> moments {ranks[0]['moments'] / base:.3f}x ZeRO-0")
+    return results
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", default=None, help="reuse a work directory (tokenizer, token store)")
+    parser.add_argument("--memory-worker", nargs=3, metavar=("WORKDIR", "CONFIG", "FLAG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        workdir, config_name, flags = args.memory_worker
+        return memory_worker(Path(workdir), config_name, flags.split())
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ds-mlm-bench-"))
+    print(f"load average before: {load_avg()} (2 cores shared; numbers are only comparable within this run)")
+    from ds_mlm import distributed
+
+    distributed.init()
+    tokenizer, train_ds, data_args = tokenizer_and_data(workdir)
+    print(f"train samples: {len(train_ds):,} x {SEQ} tokens; threads {torch.get_num_threads()}")
+    bench_throughput(workdir, tokenizer, train_ds, args.steps, args.repeats)
+    bench_data_share(workdir, tokenizer, train_ds, data_args, args.steps * 2)
+    bench_memory(workdir)
+    print(f"\nload average after: {load_avg()}")
+
+
+if __name__ == "__main__":
+    main()

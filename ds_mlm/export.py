@@ -1,0 +1,213 @@
+"""The trained model as a self-contained HuggingFace directory, in fp32, from a live engine or a saved checkpoint.
+
+Layout (the ancestor's, so its users' scripts keep working):
+
+    {output_dir}/roberta_thai/             config.json, model.safetensors (fp32), tokenizer files:
+                                           `AutoModelForMaskedLM.from_pretrained(dir)` and `pipeline("fill-mask", dir)`
+    {output_dir}/roberta_thai_tokenizer/   the tokenizer alone
+
+The weights are the fp32 master weights, not the bf16/fp16 copies the forward pass uses. In a live run every rank
+calls `export_model` (gathering ZeRO partitions is collective) and rank 0 writes. From a checkpoint (any ZeRO stage,
+no launcher needed):
+
+    python -m ds_mlm.export --checkpoint OUT/checkpoint-500 --output_dir EXPORT [--tokenizer_dir T]
+
+A directory is written beside its final name and renamed into place, so a crash never leaves half an export.
+(`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we fill a fresh model instead and let
+`save_pretrained` handle the ties.)
+"""
+
+import argparse
+import glob
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ds_mlm import distributed
+from ds_mlm.errors import UserError, cli
+
+MODEL_DIR = "roberta_thai"
+TOKENIZER_DIR = "roberta_thai_tokenizer"
+
+
+# -- fp32 weights from a live engine ----------------------------------------------------------------------------
+
+def _zero0_masters(optimizer) -> dict:
+    """id(low-precision param) -> its fp32 master, for ZeRO-0 mixed precision (DeepSpeed's FP16 optimizers)."""
+    low = getattr(optimizer, "fp16_groups", None)
+    if low is None:
+        return {}
+    masters = {}
+    if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one master per param
+        for group16, group32 in zip(low, optimizer.fp32_groups):
+            masters.update({id(p): m for p, m in zip(group16, group32)})
+    elif hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: one flat master per group
+        for group16, flat in zip(low, optimizer.fp32_groups_flat):
+            for p, m in zip(group16, torch.split(flat, [p.numel() for p in group16])):
+                masters[id(p)] = m.view_as(p)
+    return masters
+
+
+def gather_fp32_state_dict(engine) -> dict:
+    """name -> full fp32 CPU tensor of every parameter and buffer. Collective under ZeRO: call on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.runtime.zero import GatheredParameters
+
+    masters = _zero0_masters(engine.optimizer)
+    keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # only rank 0 writes
+    out = {}
+    for name, p in engine.module.named_parameters():  # the same order on every rank
+        full = safe_get_full_fp32_param(p)  # ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer): the fp32 partitions
+        if full is None and id(p) in masters:
+            full = masters[id(p)]
+        if full is None:  # plain fp32, or a frozen parameter
+            with GatheredParameters([p]):  # a no-op unless ZeRO-3 partitioned it
+                full = p.data.detach().clone()
+        if keep:
+            out[name] = full.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+    for name, b in engine.module.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
+
+
+# -- fp32 weights from a checkpoint directory -------------------------------------------------------------------
+
+def _load_model_states(checkpoint_dir: str) -> dict:
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise UserError(f"{checkpoint_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt): give a "
+                        "checkpoint-N directory written by ds-mlm")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def state_dict_from_checkpoint(checkpoint_dir: str, model) -> dict:
+    """name -> fp32 tensor, from a saved checkpoint of any ZeRO stage; `model` (a fresh one) names the params."""
+    checkpoint_dir = os.path.normpath(checkpoint_dir)
+    if glob.glob(os.path.join(checkpoint_dir, "*zero_pp_rank_*_optim_states.pt")):  # ZeRO-1/2/3 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        parent, tag = os.path.split(checkpoint_dir)
+        return dict(get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag))
+    states = _load_model_states(checkpoint_dir)  # ZeRO-0: the module, plus the fp32 masters under mixed precision
+    out = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    opt = states.get("optimizer") or {}
+    groups = opt.get("fp32_groups")
+    if groups is None and "fp32_groups_flat" in opt:
+        groups = [list(flat) for flat in opt["fp32_groups_flat"]]  # split below, by the params' sizes
+    if groups is not None:
+        from ds_mlm.ds_config import param_groups
+
+        named = {id(p): n for n, p in model.named_parameters()}
+        ours = [g["params"] for g in param_groups(model, 0.0) if g["params"]]  # the order the optimizer saw
+        for params, masters in zip(ours, groups):
+            if len(masters) != len(params):  # a flat group: cut it by the params' sizes
+                masters = torch.split(torch.cat([torch.as_tensor(m).reshape(-1) for m in masters]),
+                                      [p.numel() for p in params])
+            for p, m in zip(params, masters):
+                out[named[id(p)]] = m.float().reshape(p.shape)
+    return out
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+
+def _fill(model, tensors: dict) -> None:
+    missing = [n for n, _ in model.named_parameters() if n not in tensors]
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} parameters of the model (first: {missing[0]}): "
+                        "is config.json the one this checkpoint was trained with?")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if tensors[name].shape != p.shape:
+                raise UserError(f"parameter {name} has shape {tuple(tensors[name].shape)} in the checkpoint but "
+                                f"{tuple(p.shape)} in config.json: use the config of that run")
+            p.copy_(tensors[name])
+        for name, b in model.named_buffers():
+            if name in tensors and tensors[name].shape == b.shape:
+                b.copy_(tensors[name])
+
+
+def _replace_dir(final: str, write) -> None:
+    """Write into a fresh directory beside `final`, then swap it in (the old one is removed last)."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.")
+    try:
+        write(tmp)
+        old = None
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.old.")
+            os.replace(final, os.path.join(old, "x"))
+        os.replace(tmp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model_dir(model, tensors: dict, tokenizer, output_dir: str) -> str:
+    """Fill a fresh fp32 CPU `model` with `tensors`; write {output_dir}/roberta_thai and .../roberta_thai_tokenizer."""
+    _fill(model, tensors)
+    model_dir = os.path.join(output_dir, MODEL_DIR)
+
+    def write_model(path):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    _replace_dir(model_dir, write_model)
+    _replace_dir(os.path.join(output_dir, TOKENIZER_DIR), tokenizer.save_pretrained)
+    return model_dir
+
+
+def export_model(engine, tokenizer, output_dir: str) -> str:
+    """Export the engine's fp32 weights with the tokenizer. Call on every rank; rank 0 writes."""
+    import logging
+
+    tensors = gather_fp32_state_dict(engine)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    model_dir = os.path.join(output_dir, MODEL_DIR)
+    if rank == 0:
+        fresh = type(engine.module)(engine.module.config).float()
+        save_model_dir(fresh, tensors, tokenizer, output_dir)
+        logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
+                                         model_dir, os.path.join(output_dir, TOKENIZER_DIR))
+    distributed.barrier()
+    return model_dir
+
+
+def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None) -> str:
+    """Export a saved checkpoint-N directory (config.json and tokenizer are saved in it by the trainer)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    from ds_mlm.tokenization import load_tokenizer
+
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"--checkpoint {checkpoint_dir}: no such directory; give an OUTPUT_DIR/checkpoint-N directory")
+    if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+        raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
+    config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+    tokenizer = load_tokenizer(tokenizer_dir or checkpoint_dir, "auto")
+    fresh = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config).float()
+    tensors = state_dict_from_checkpoint(checkpoint_dir, fresh)
+    return save_model_dir(fresh, tensors, tokenizer, output_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ds_mlm.export",
+                                     description="Export a ds-mlm checkpoint as an fp32 HuggingFace model directory.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory under a run's --output_dir")
+    parser.add_argument("--output_dir", required=True, help="where roberta_thai/ and roberta_thai_tokenizer/ go")
+    parser.add_argument("--tokenizer_dir", help="the tokenizer to ship with it (default: the one in the checkpoint)")
+    args = parser.parse_args(argv)
+    model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir)
+    print(f"exported {args.checkpoint} to {model_dir}")
+    return 0
+
+
+cli_main = cli(main)
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,66 @@
+"""Metrics: window averages, the jsonl log (appended, cut back on resume), TensorBoard scalars, the stdout line."""
+
+import json
+
+import pytest
+import torch
+
+from ds_mlm.metrics import LOG_FILE, MetricsWriter, Window, format_record, perplexity
+
+
+def read_scalars(logdir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_window_means_and_restores():
+    w = Window(torch.device("cpu"))
+    for loss in (2.0, 4.0, 6.0):
+        w.add(torch.tensor(loss), tokens=100, samples=2)
+    saved = w.state_dict()
+    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6}
+    other = Window(torch.device("cpu"))
+    other.load_state_dict(saved)
+    summary = other.summary()
+    assert summary["loss"] == 4.0 and summary["tokens_per_s"] > 0 and summary["samples_per_s"] > 0
+    assert other.state_dict() == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0}  # reset
+
+
+def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    w = MetricsWriter(str(out), str(runs), rank=0)
+    w.write({"step": 1, "loss": 7.0, "lr": 1e-4, "grad_norm": 2.0, "tokens_per_s": 10.0, "samples_per_s": 1.0})
+    cut = w.position()
+    w.write({"step": 2, "loss": 6.5, "lr": 2e-4, "grad_norm": None, "tokens_per_s": 11.0, "samples_per_s": 1.1})
+    w.write({"step": 2, "eval_loss": 6.0, "perplexity": perplexity(6.0)})
+    w.close()
+    lines = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2] and lines[1]["grad_norm"] is None
+    scalars = read_scalars(runs)
+    assert scalars["train/loss"] == [(1, 7.0), (2, 6.5)]
+    assert [s for s, _ in scalars["train/grad_norm"]] == [1]  # None is not plotted
+    assert scalars["eval/perplexity"][0][1] == pytest.approx(perplexity(6.0), rel=1e-6)
+    assert {"train/lr", "train/tokens_per_s", "train/samples_per_s", "eval/loss"} <= set(scalars)
+
+    # a resume from the checkpoint taken after step 1: the later records are redone, so they are cut off
+    w = MetricsWriter(str(out), str(runs), rank=0, truncate_at=cut, purge_from=2)
+    w.write({"step": 2, "loss": 6.4, "lr": 2e-4, "grad_norm": 1.0, "tokens_per_s": 9.0, "samples_per_s": 1.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in map(json.loads, (out / LOG_FILE).read_text().splitlines())] == [(1, 7.0), (2, 6.4)]
+    assert read_scalars(runs)["train/loss"] == [(1, 7.0), (2, pytest.approx(6.4))]  # TensorBoard purged the redone step
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    w = MetricsWriter(str(tmp_path / "out"), str(tmp_path / "runs"), rank=1)
+    w.write({"step": 1, "loss": 1.0})
+    w.close()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_stdout_line():
+    line = format_record({"step": 12, "loss": 6.91234, "lr": 4.2e-05, "grad_norm": None, "tokens_per_s": 10412.3})
+    assert line == "step 12 | loss 6.9123 | lr 4.200e-05 | tokens_per_s 10,412"
+    assert perplexity(1e6) == float("inf")
