@@ -1,76 +1,195 @@
-"""Which samples each rank reads, step after step: a seeded, epoch-aware, resumable distributed sampler.
+"""Which samples each rank reads, micro-batch after micro-batch, epoch after epoch, resumable in O(1).
 
-The global order of an epoch is a permutation drawn from (seed, epoch) alone, so it does not depend on the number
-of processes (Megatron's consumed-samples idea). That order is cut into global micro-batches of
-`micro_batch_size * world_size` samples; rank r reads slice r of each. The ragged tail of an epoch (fewer samples than
-one global micro-batch) is dropped, as DistributedSampler(drop_last=True) does.
+The global order of an epoch is a pseudorandom permutation of `range(num_samples)` keyed by (seed, epoch) alone, so
+it does not depend on the world size (Megatron's consumed-samples idea). The stream of *global* micro-batches of
+`micro_batch_size * world_size` samples is cut from that permutation, and rank r reads the contiguous slice r of
+each global micro-batch:
 
-The whole state is one number, `consumed_samples`: resuming jumps straight to it in O(1) (HF users waited 28 hours
-for a resume that replayed 660k batches, transformers#11284).
+    epoch order:  p[0] ... p[G-1] | p[G] ... p[2G-1] | ...     G = micro_batch_size * world_size
+    rank r reads: p[r*m : (r+1)*m]  p[G+r*m : G+(r+1)*m]        m = micro_batch_size
+
+The incomplete tail of each epoch (`num_samples % G` samples) is dropped: every rank must read a full micro-batch
+at every step. The next epoch uses a fresh permutation, so a dropped sample is read in later epochs.
+
+The permutation is random-access (a keyed Feistel network with cycle walking, the idea behind TensorFlow's
+`index_shuffle` and Grain's samplers): position i of epoch e is computed on its own in O(1) time and memory. The
+order is never materialised (no O(num_samples) array per rank and epoch), and resuming anywhere is a jump, never a
+replay of the skipped batches (HF users waited 28 hours for a resume that iterated over 660k batches,
+transformers#11284). It is pure integer arithmetic, so it does not change with the numpy or torch version.
+
+The position is `(epoch, epoch_offset)`: the epoch, and how many samples of its order all ranks have read.
+`consumed_samples` counts the global samples read since the start of training. A `state_dict()` resumes exactly (the
+same batches) at the same world size and micro-batch size; at another one the global order is the same and reading
+goes on from the same place in it.
 """
 
 import numpy as np
+from numba import njit
 
 from ds_mlm.errors import UserError
 
+_U64 = (1 << 64) - 1
+_ROUNDS = 6  # Luby-Rackoff: 4 rounds make a strong pseudorandom permutation; 2 more cost nothing
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True)
+def _mix64(x):
+    """splitmix64's finaliser: a bijective 64-bit hash in which every input bit affects every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def _round_keys(seed, epoch, rounds):
+    """The Feistel round keys of one epoch: a function of (seed, epoch) only."""
+    keys = np.empty(rounds, dtype=np.uint64)
+    base = _mix64(_mix64(seed ^ _GOLDEN) ^ epoch)
+    for r in range(rounds):
+        keys[r] = _mix64(base + np.uint64(r + 1) * _GOLDEN)
+    return keys
+
+
+@njit(cache=True)
+def _feistel_positions(start, count, n, half_bits, keys, out):
+    """out[k] = the keyed permutation of range(n) at position start + k."""
+    half = np.uint64(half_bits)
+    low = (np.uint64(1) << half) - np.uint64(1)
+    un = np.uint64(n)
+    for k in range(count):
+        x = np.uint64(start + k)
+        while True:  # cycle walking: the network permutes range(4**half_bits) >= n; walk until back inside range(n)
+            left = x >> half
+            right = x & low
+            for key in keys:
+                left, right = right, left ^ (_mix64(right ^ key) & low)
+            x = (left << half) | right
+            if x < un:
+                break
+        out[k] = np.int64(x)
+
+
+def _checked_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UserError(f"sampler {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
 
 class ResumableDistributedSampler:
-    def __init__(self, num_samples: int, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 42,
-                 shuffle: bool = True):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.num_samples, self.micro_batch_size = num_samples, micro_batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.global_batch = micro_batch_size * world_size
-        self.micro_batches_per_epoch = num_samples // self.global_batch
-        if self.micro_batches_per_epoch == 0:
-            raise UserError(f"{num_samples} samples cannot fill one micro-batch of {micro_batch_size} on each of "
-                            f"{world_size} processes: add text, or lower --per_device_train_batch_size")
-        self.samples_per_epoch = self.micro_batches_per_epoch * self.global_batch
+    """This rank's micro-batches of sample indices, as `(epoch, indices)` forever; see the module docstring.
+
+        sampler = ResumableDistributedSampler(len(dataset), micro_batch_size, rank, world_size, seed)
+        sampler.load_state_dict(saved)           # optional: jump to a checkpoint's position
+        for epoch, indices in sampler:           # indices: list[int] of length micro_batch_size
+            ...
+        saved = sampler.state_dict()
+
+    The position advances as a micro-batch is handed out, so a `state_dict()` taken after the trainer used k
+    micro-batches resumes at micro-batch k + 1. Each sample is read by at most one rank per epoch.
+    """
+
+    def __init__(self, num_samples: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 42, shuffle: bool = True):
+        self.num_samples = _checked_int("num_samples", num_samples, 0)
+        self.micro_batch_size = _checked_int("micro_batch_size", micro_batch_size, 1)
+        self.world_size = _checked_int("world_size", world_size, 1)
+        self.rank = _checked_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise UserError(f"sampler rank {rank} is not below world_size {world_size}: check RANK and WORLD_SIZE")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise UserError(f"--seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.global_batch_size = self.micro_batch_size * self.world_size
+        if self.num_samples < self.global_batch_size:
+            raise UserError(f"the training set has {self.num_samples} samples, fewer than one global micro-batch of "
+                            f"{self.global_batch_size} (micro-batch size {self.micro_batch_size} x {self.world_size} "
+                            "processes): add text to --train_dir, lower --per_device_train_batch_size, or use fewer "
+                            "processes")
+        # A Feistel network permutes an even number of bits: the smallest domain 4**half_bits >= num_samples.
+        self._half_bits = max(1, ((self.num_samples - 1).bit_length() + 1) // 2)
+        self._keys_epoch, self._keys = None, None
+        self.epoch = 0
+        self.epoch_offset = 0
         self.consumed_samples = 0
-        self._cached = (None, None)  # (epoch, order): one permutation in memory at a time
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The global order of `epoch`: the same for every rank and every world size."""
-        if self._cached[0] != epoch:
-            if self.shuffle:
-                rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-                self._cached = (epoch, rng.permutation(self.num_samples))
-            else:
-                self._cached = (epoch, np.arange(self.num_samples))
-        return self._cached[1]
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Global micro-batches in one epoch (each rank reads this many micro-batches); the ragged tail is dropped."""
+        return self.num_samples // self.global_batch_size
 
-    def position(self) -> tuple[int, int]:
-        """(epoch, offset into that epoch's order) of the next global micro-batch."""
-        return divmod(self.consumed_samples, self.samples_per_epoch)
+    # -- the order ----------------------------------------------------------------------------------------------------
+
+    def global_indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Positions [start, stop) of epoch `epoch`'s global order, as int64 sample indices (any world size)."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise ValueError(f"positions [{start}, {stop}) outside an epoch of {self.num_samples} samples")
+        if not self.shuffle:
+            return np.arange(start, stop, dtype=np.int64)
+        if self._keys_epoch != epoch:  # derived once per epoch
+            self._keys = _round_keys(np.uint64(self.seed & _U64), np.uint64(epoch & _U64), _ROUNDS)
+            self._keys_epoch = epoch
+        out = np.empty(stop - start, dtype=np.int64)
+        _feistel_positions(start, stop - start, self.num_samples, self._half_bits, self._keys, out)
+        return out
+
+    def _rank_slice(self, epoch: int, offset: int) -> list:
+        begin = offset + self.rank * self.micro_batch_size
+        return self.global_indices(epoch, begin, begin + self.micro_batch_size).tolist()
 
     def __iter__(self):
-        """This rank's micro-batches as (epoch, indices), epoch after epoch, from the current position on."""
+        """(epoch, this rank's indices), forever, from the current position; the state advances before each yield."""
         while True:
-            epoch, offset = self.position()
-            start = offset + self.rank * self.micro_batch_size
-            indices = self.order(epoch)[start:start + self.micro_batch_size]
-            self.consumed_samples += self.global_batch
-            yield epoch, indices.tolist()
+            epoch, offset = self.epoch, self.epoch_offset
+            indices = self._rank_slice(epoch, offset)
+            self.epoch_offset += self.global_batch_size
+            self.consumed_samples += self.global_batch_size
+            self._roll_epoch()
+            yield epoch, indices
 
     def epoch_iterator(self, epoch: int):
-        """One finite pass over `epoch` for this rank, leaving the training position alone."""
-        order = self.order(epoch)
+        """This rank's micro-batches of one whole epoch (a finite pass); the training position is left alone."""
         for b in range(self.micro_batches_per_epoch):
-            start = b * self.global_batch + self.rank * self.micro_batch_size
-            yield order[start:start + self.micro_batch_size].tolist()
+            yield self._rank_slice(epoch, b * self.global_batch_size)
+
+    def _roll_epoch(self) -> None:
+        # Eagerly: a checkpoint taken at the end of an epoch then names the next one, whatever the next world size.
+        if self.epoch_offset + self.global_batch_size > self.num_samples:
+            self.epoch, self.epoch_offset = self.epoch + 1, 0
+
+    # -- checkpointing ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed, "num_samples": self.num_samples,
-                "shuffle": self.shuffle}
+        return {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "epoch_offset": self.epoch_offset,
+                "seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle,
+                "micro_batch_size": self.micro_batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Jump to a saved position: O(1), nothing is replayed."""
-        if state["num_samples"] != self.num_samples:
-            raise UserError(f"the checkpoint was trained on {state['num_samples']} samples but the training set now "
-                            f"has {self.num_samples}: resume with the same data, or start afresh with "
+        """Jump to a saved position in O(1). The state must come from the same training set, seed and shuffle."""
+        if not isinstance(state, dict) or "consumed_samples" not in state:
+            raise UserError("the checkpoint's sampler state has no consumed_samples: the checkpoint is not from "
+                            "ds-mlm or is damaged; resume from another checkpoint or start over with "
                             "--overwrite_output_dir")
-        if state["seed"] != self.seed or state.get("shuffle", True) != self.shuffle:
-            raise UserError(f"the checkpoint was trained with --seed {state['seed']}, this run has --seed {self.seed}: "
-                            "resume with the same seed, or start afresh with --overwrite_output_dir")
-        self.consumed_samples = int(state["consumed_samples"])
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            raise UserError(f"the checkpoint was trained on {state['num_samples']} samples but this training set "
+                            f"has {self.num_samples}: the training data, tokenizer or --max_seq_length changed; "
+                            "restore them to resume, or start a new run with --overwrite_output_dir or a new "
+                            "--output_dir")
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"the checkpoint was trained with --seed {state['seed']} but this run has --seed "
+                            f"{self.seed}: resume with --seed {state['seed']}")
+        if bool(state.get("shuffle", self.shuffle)) != self.shuffle:
+            raise UserError(f"the checkpoint was trained with shuffle={state['shuffle']} but this run has "
+                            f"shuffle={self.shuffle}: resume with the same setting")
+        consumed = _checked_int("consumed_samples", state["consumed_samples"], 0)
+        if "epoch" in state:
+            epoch = _checked_int("epoch", state["epoch"], 0)
+            offset = _checked_int("epoch_offset", state.get("epoch_offset", 0), 0)
+            if offset > self.num_samples:
+                raise UserError(f"the checkpoint's sampler position {offset} is past the end of an epoch of "
+                                f"{self.num_samples} samples: the checkpoint is damaged; resume from another one")
+        else:  # a bare Megatron-style counter: every epoch so far had this run's global micro-batch size
+            epoch, offset = divmod(consumed, self.micro_batches_per_epoch * self.global_batch_size)
+        self.epoch, self.epoch_offset, self.consumed_samples = epoch, offset, consumed
+        self._roll_epoch()  # another world size may not fit one more global micro-batch in this epoch

@@ -160,6 +160,39 @@ def test_fp16_on_cpu_trains_in_bf16_with_a_warning(tmp_path, data, world_of_one,
     assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
+class Crash(Exception):
+    pass
+
+
+def test_resume_inside_a_logging_window_in_process(tmp_path, data, world_of_one, monkeypatch):
+    """Checkpoint at step 3, crash after step 4, log every 2 steps: the resumed window holds step 3's loss."""
+    from ds_mlm.trainer import Trainer
+
+    flags = ("--max_steps", "8", "--logging_steps", "2", "--save_steps", "3", "--learning_rate", "2e-3",
+             "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4")
+    make_trainer(tmp_path / "a", data, world_of_one, *flags, eval_set=False).train()
+    logged = Trainer._log_step
+
+    def crash(self, *args, **kwargs):
+        logged(self, *args, **kwargs)
+        if self.global_step == 4:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_log_step", crash)
+    with pytest.raises(Crash):
+        make_trainer(tmp_path / "b", data, world_of_one, *flags, eval_set=False).train()
+    monkeypatch.setattr(Trainer, "_log_step", logged)
+    resumed = make_trainer(tmp_path / "b", data, world_of_one, *flags, eval_set=False)
+    assert resumed.resume_path == str(tmp_path / "b" / "out" / "checkpoint-3")
+    resumed.train()
+
+    def numbers(out):
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_log(out)]
+
+    assert [s for s, *_ in numbers(tmp_path / "a" / "out")] == [2, 4, 6, 8]
+    assert numbers(tmp_path / "b" / "out") == numbers(tmp_path / "a" / "out")
+
+
 # -- through the real launcher: 2 ranks, ZeRO-2 bf16, a crash, a resume ---------------------------------------------
 
 CRASH_AFTER_STEP = """
