@@ -171,8 +171,14 @@ def _base_type(tp):
     return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse would print the whole usage (dozens of flags) first: one line says what is wrong, and where to look
+        raise UserError(f"{message} (run with --help for every flag)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run_mlm.py", description="Pretrain a RoBERTa masked language model with DeepSpeed.",
         allow_abbrev=False)  # abbreviations would make a typo silently mean another flag
     for group_cls in GROUPS:

@@ -149,12 +149,15 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, dist, save_tot
     if dist.rank == 0 and os.path.isdir(path):  # left by another timeline (an older resume point): never mix files
         remove_checkpoint(path)
     distributed.barrier()
-    engine.save_checkpoint(output_dir, tag=tag, client_state={"ds_mlm": trainer_state}, save_latest=False)
-    torch.save({**rng_states(), "rank_state": rank_state}, os.path.join(path, f"rng_state_{dist.rank}.pt"))
-    if dist.rank == 0:
-        atomic_write_text(os.path.join(path, STATE_FILE), json.dumps(trainer_state, indent=2) + "\n")
-        if write_extras is not None:
-            write_extras(path)
+    try:
+        engine.save_checkpoint(output_dir, tag=tag, client_state={"ds_mlm": trainer_state}, save_latest=False)
+        torch.save({**rng_states(), "rank_state": rank_state}, os.path.join(path, f"rng_state_{dist.rank}.pt"))
+        if dist.rank == 0:
+            atomic_write_text(os.path.join(path, STATE_FILE), json.dumps(trainer_state, indent=2) + "\n")
+            if write_extras is not None:
+                write_extras(path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError, without errno
+        _give_up_on(path, output_dir, e)
     distributed.barrier()  # every rank's files are on disk before the marker says so
     if dist.rank == 0:
         atomic_write_text(os.path.join(path, MARKER), json.dumps({"step": step, "time": time.time()}) + "\n")
@@ -163,6 +166,17 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, dist, save_tot
             rotate(output_dir, save_total_limit)
     distributed.barrier()
     return path
+
+
+def _give_up_on(path: str, output_dir: str, error: Exception) -> None:
+    """A save that failed: its directory never got the marker; remove it and say what is still good."""
+    remove_checkpoint(path)
+    free = shutil.disk_usage(output_dir).free
+    why = "the disk is full" if free < 64 * (1 << 20) or "space" in str(error).lower() else str(error).splitlines()[0]
+    good = read_pointer(output_dir)
+    kept = f"the last complete checkpoint, {os.path.basename(good)}, is intact" if good else "no checkpoint was kept"
+    raise UserError(f"could not save {os.path.basename(path)} in {output_dir} ({why}): {kept}; free some space "
+                    "and run the same command again to resume") from None
 
 
 def resolve_resume(output_dir: str, resume_from, overwrite: bool):

@@ -70,19 +70,34 @@ def _warm_start_dir(model_name_or_path, model_dir):
     return path
 
 
+def resolve_config(model_args, tokenizer, max_seq_length: int) -> RobertaConfig:
+    """The config of the model to train (the warm-start model's, or the preset's / JSON's), checked against the
+    tokenizer and max_seq_length. Cheap: no weights are read, so run_mlm calls it before writing anything."""
+    warm = _warm_start_dir(model_args.model_name_or_path, model_args.model_dir)
+    if warm is not None and os.path.exists(os.path.join(warm, "config.json")):
+        config = _load_json_config(os.path.join(warm, "config.json"))
+    else:  # a fresh model, or the ancestor's --model_dir holding only weights: the preset's shapes
+        config = make_config(model_args.architecture, model_args.config_name, tokenizer)
+    check_compatible(config, tokenizer, max_seq_length)
+    if warm is not None and config.vocab_size != len(tokenizer):
+        raise UserError(f"the warm-start model {warm} has {config.vocab_size} embeddings but the tokenizer "
+                        f"{len(tokenizer)} tokens: use the tokenizer that model was trained with")
+    return config
+
+
 def build_model(model_args, tokenizer, max_seq_length: int) -> RobertaForMaskedLM:
     """A fresh model from the preset or config, or the warm-start weights; checked against the tokenizer."""
+    config = resolve_config(model_args, tokenizer, max_seq_length)
     warm = _warm_start_dir(model_args.model_name_or_path, model_args.model_dir)
     if warm is not None:
-        if os.path.exists(os.path.join(warm, "config.json")):
-            config = _load_json_config(os.path.join(warm, "config.json"))
-        else:  # the ancestor's --model_dir held only weights: take the shapes from the preset
-            config = make_config(model_args.architecture, model_args.config_name, tokenizer)
-        check_compatible(config, tokenizer, max_seq_length)
-        if config.vocab_size != len(tokenizer):
-            raise UserError(f"the warm-start model {warm} has {config.vocab_size} embeddings but the tokenizer "
-                            f"{len(tokenizer)} tokens: use the tokenizer that model was trained with")
         return RobertaForMaskedLM.from_pretrained(warm, config=config, local_files_only=True)
-    config = make_config(model_args.architecture, model_args.config_name, tokenizer)
-    check_compatible(config, tokenizer, max_seq_length)
     return RobertaForMaskedLM(config)
+
+
+def count_parameters(config: RobertaConfig) -> int:
+    """Parameters of the model a config describes, without allocating it (built on the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        model = RobertaForMaskedLM(config)
+    return sum(p.numel() for p in model.parameters())  # tied embeddings/lm_head counted once

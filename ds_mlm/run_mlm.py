@@ -16,9 +16,11 @@ if __package__ in (None, ""):  # run as a file (deepspeed ds_mlm/run_mlm.py): im
 
 import logging  # noqa: E402
 
-from ds_mlm import distributed  # noqa: E402
+from ds_mlm import distributed, preflight  # noqa: E402
 from ds_mlm.args import parse_args  # noqa: E402
+from ds_mlm.ds_config import resolve_ds_config  # noqa: E402
 from ds_mlm.errors import cli  # noqa: E402
+from ds_mlm.model import build_model, count_parameters, resolve_config  # noqa: E402
 from ds_mlm.prepare import prepare_datasets  # noqa: E402
 from ds_mlm.tokenization import load_tokenizer  # noqa: E402
 
@@ -39,9 +41,20 @@ def main(argv=None) -> int:
     dist = distributed.env_info() if (data_args.build_dataset_only and single) else distributed.init()
     setup_logging(dist.rank)
 
+    # Everything that can be checked is checked before anything is written: a bad flag never touches a cache or a
+    # checkpoint of an earlier run.
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.tokenizer_type,
                                add_space_token=model_args.add_space_token, use_fast=model_args.use_fast_tokenizer)
+    config = resolve_config(model_args, tokenizer, data_args.max_seq_length)
     cache_dir = data_args.datasets_cache_dir or os.path.join(train_args.output_dir, "datasets_cache")
+    if not data_args.build_dataset_only:
+        ds_config = resolve_ds_config(train_args, world_size=dist.world_size)
+        if dist.local_rank == 0:
+            preflight.writable_dir(train_args.output_dir, "--output_dir")
+            mixed = ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]
+            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(count_parameters(config), mixed),
+                                 "--output_dir", "one checkpoint and the final model")
+
     train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
     if data_args.build_dataset_only:
         log.info("--build_dataset_only: token stores are ready in %s", cache_dir)
@@ -49,14 +62,11 @@ def main(argv=None) -> int:
 
     from transformers import set_seed  # noqa: E402 (heavy imports only on the training path)
 
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.export import export_model
-    from ds_mlm.model import build_model
     from ds_mlm.trainer import Trainer
 
     set_seed(train_args.seed)  # same initial weights on every rank and every run with this seed
     model = build_model(model_args, tokenizer, data_args.max_seq_length)
-    ds_config = resolve_ds_config(train_args, world_size=dist.world_size)
     trainer = Trainer(model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
                       args=train_args, data_args=data_args, ds_config=ds_config, dist=dist)
     trainer.train()

@@ -84,9 +84,10 @@ def test_save_writes_marker_then_pointer_then_rotates(tmp_path, monkeypatch):
 def test_interrupted_save_is_never_resumed_from(tmp_path):
     out = str(tmp_path)
     checkpoint.save(FakeEngine(), out, 5, {"global_step": 5}, ONE)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(UserError, match="could not save checkpoint-10 .*: the last complete checkpoint, "
+                                        "checkpoint-5, is intact; free some space and run the same command again"):
         checkpoint.save(FakeEngine(fail=True), out, 10, {"global_step": 10}, ONE)
-    assert not checkpoint.is_complete(str(tmp_path / "checkpoint-10"))
+    assert not (tmp_path / "checkpoint-10").exists()  # the partial save is gone, never a directory that looks good
     assert (tmp_path / checkpoint.POINTER).read_text() == "checkpoint-5\n"
     assert checkpoint.resolve_resume(out, None, overwrite=False) == str(tmp_path / "checkpoint-5")
 
