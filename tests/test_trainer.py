@@ -148,6 +148,22 @@ def test_evaluation_covers_the_eval_set_deterministically(tmp_path, data, world_
     assert [r["step"] for r in evals] == [2, 4] and evals[1]["eval_loss"] == pytest.approx(first["eval_loss"])
 
 
+@pytest.mark.parametrize("config", ["zero0.json", "zero1.json", "zero2.json", "zero3.json"])
+def test_every_zero_stage_trains(tmp_path, data, world_of_one, config):
+    trainer = make_trainer(tmp_path, data, world_of_one, "--deepspeed_config", config, "--max_steps", "4",
+                           "--logging_steps", "1", "--learning_rate", "2e-3", "--gradient_accumulation_steps", "2",
+                           eval_set=False)
+    before = [p.detach().clone() for p in trainer.engine.module.parameters()][:3]
+    trainer.train()
+    assert trainer.engine.zero_optimization_stage() == int(config[4])
+    records = read_log(tmp_path / "out")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    if config != "zero3.json":  # ZeRO-3 keeps parameters partitioned (empty placeholders) outside a forward
+        after = [p.detach() for p in trainer.engine.module.parameters()][:3]
+        assert any(not torch.equal(a.float(), b.float()) for a, b in zip(before, after))  # the weights moved
+
+
 def test_fp16_on_cpu_trains_in_bf16_with_a_warning(tmp_path, data, world_of_one, caplog):
     with caplog.at_level(logging.WARNING, logger="ds_mlm"):
         trainer = make_trainer(tmp_path, data, world_of_one, "--fp16", "--deepspeed_config", "zero1.json",
