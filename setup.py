@@ -1,5 +1,7 @@
 """ds-mlm: pretrain RoBERTa masked language models with DeepSpeed, from folders of text files."""
 
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,6 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ds_mlm", "ds_mlm.*"]),
+    # the shipped DeepSpeed configs, found by name (`--deepspeed_config zero3.json`) from a non-editable install too
+    data_files=[("share/ds-mlm/ds_configs", sorted(glob("ds_configs/*.json")))],
     install_requires=[
         "torch>=2.1",  # pinned by scripts/bootstrap.sh to a build that fits the machine (CPU or CUDA)
         "deepspeed>=0.19.8,<0.20",  # behaviour measured in shared notes: re-check before moving on
