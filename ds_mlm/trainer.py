@@ -210,6 +210,14 @@ class Trainer:
         measure_norm = self.zero_stage == 0 and precision(self.ds_config) == "fp32"
         bar = tqdm(total=self.max_steps, initial=self.global_step, disable=self.dist.rank != 0, file=sys.stderr,
                    desc="train", unit="step", dynamic_ncols=True)
+        try:
+            self._loop(window, bar, measure_norm)
+        finally:  # also on an error: its one line must not land on the progress bar's line
+            bar.close()
+            self.writer.close()
+
+    def _loop(self, window: Window, bar, measure_norm: bool) -> None:
+        args, engine = self.args, self.engine
         engine.train()
         batches = self._batches()
         while self.global_step < self.max_steps:
@@ -236,8 +244,6 @@ class Trainer:
                 self._evaluate_and_log()
             if self.global_step % args.save_steps == 0 or self.global_step == self.max_steps:
                 self._save(window)  # the last step is always saved: a rerun finds the training done
-        bar.close()
-        self.writer.close()
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 

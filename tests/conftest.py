@@ -17,6 +17,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +66,9 @@ def small_corpus(tmp_path_factory):
 
 def run(cmd, timeout=600, env=None, cwd=REPO, check=True) -> subprocess.CompletedProcess:
     """Run a command, capture its output, and show it when the check fails."""
-    full_env = {**os.environ, **(env or {})}
+    # A child is never part of this process's own world of one (an in-process test may have set RANK, MASTER_PORT...)
+    inherited = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full_env = {**inherited, **(env or {})}
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

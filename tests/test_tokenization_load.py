@@ -1,0 +1,152 @@
+"""load_tokenizer: its one-line errors, `auto` on other kinds of directory, an ancestor's SentencePiece model; and a
+saved directory loading without ds-mlm (trust_remote_code) or any network."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+
+from ds_mlm.errors import UserError
+from ds_mlm.tokenization import SPECIAL_TOKENS, ThaiRobertaTokenizer, ThaiWordsNewmmTokenizer, load_tokenizer
+
+from conftest import SAMPLE
+
+LINES = [line.strip() for line in (SAMPLE / "eval" / "botchan.txt").read_text(encoding="utf-8").splitlines()
+         if line.strip()][:200]
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def newmm_dir(tmp_path_factory):
+    """A minimal newmm tokenizer directory, as the ancestor shipped one: just newmm.json."""
+    path = tmp_path_factory.mktemp("newmm")
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, "<_>", "\n", "ข่าว", "วันนี้"])}
+    (path / "newmm.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ancestor_spm_dir(tmp_path_factory):
+    """A SentencePiece model trained with SentencePiece's own defaults (<unk> 0, <s> 1, </s> 2, no <pad> or <mask>),
+    alone in its directory like an ancestor's."""
+    path = tmp_path_factory.mktemp("ancestor_spm")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(LINES), model_writer=model, vocab_size=300,
+                                   minloglevel=2)
+    (path / "sentencepiece.bpe.model").write_bytes(model.getvalue())
+    return path
+
+
+def test_unknown_type_lists_the_valid_ones(newmm_dir):
+    message = _one_line_error(lambda: load_tokenizer(newmm_dir, "wordpiece"))
+    for name in ("auto", "spm", "ThaiRobertaTokenizer", "newmm", "ThaiWordsNewmmTokenizer", "syllable",
+                 "ThaiWordsSyllableTokenizer", "sefr_cut", "FakeSefrCutTokenizer"):
+        assert name in message
+
+
+def test_missing_path_and_file_path(tmp_path):
+    assert "does not exist" in _one_line_error(lambda: load_tokenizer(tmp_path / "nope"))
+    assert "--tokenizer_name_or_path" in _one_line_error(lambda: load_tokenizer(None))
+    (tmp_path / "file.txt").write_text("x")
+    assert "is a file" in _one_line_error(lambda: load_tokenizer(tmp_path / "file.txt", "spm"))
+
+
+def test_wrong_type_names_what_was_found_and_the_type_that_fits(newmm_dir):
+    message = _one_line_error(lambda: load_tokenizer(newmm_dir, "spm"))
+    assert "sentencepiece.bpe.model" in message and "newmm.json" in message and "--tokenizer_type newmm" in message
+
+
+def test_a_directory_nothing_can_load_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.md").write_text("not a tokenizer")
+    assert "notes.md" in _one_line_error(lambda: load_tokenizer(tmp_path))
+
+
+def test_auto_loads_a_bare_ancestor_directory_by_its_vocabulary_file(newmm_dir):
+    tok = load_tokenizer(newmm_dir)
+    assert isinstance(tok, ThaiWordsNewmmTokenizer)
+    assert tok("ข่าว วันนี้")["input_ids"] == [0, 7, 8, 2]  # without the flag a space only separates words
+
+
+def test_auto_loads_an_hf_directory_fast_and_refuses_the_space_token(bpe_tokenizer_dir):
+    tok = load_tokenizer(bpe_tokenizer_dir)
+    assert tok.is_fast and tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    assert tok.decode(tok("The school was there.")["input_ids"], skip_special_tokens=True) == "The school was there."
+    assert "--add_space_token" in _one_line_error(lambda: load_tokenizer(bpe_tokenizer_dir, add_space_token=True))
+
+
+def test_an_ancestor_sentencepiece_model_is_shifted_to_ids_0_to_4(ancestor_spm_dir, tmp_path):
+    sp = spm.SentencePieceProcessor(model_file=str(ancestor_spm_dir / "sentencepiece.bpe.model"))
+    for flag in (False, True):
+        tok = load_tokenizer(ancestor_spm_dir, "spm", add_space_token=flag)
+        assert isinstance(tok, ThaiRobertaTokenizer) and tok.offset == 5
+        assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+        assert sorted(tok.get_vocab().values()) == list(range(len(tok)))
+        assert len(tok) == len(sp) + 5 + flag  # the flag appends <_>: the model has no such piece
+        text = LINES[5]
+        ids = tok(text)["input_ids"]
+        if not flag:  # SentencePiece's own ids, shifted
+            assert ids == [0] + [i + 5 for i in sp.encode(text)] + [2]
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.batch_encode_ids(LINES[:20] + ["qq€ <mask>"]) == tok(LINES[:20] + ["qq€ <mask>"],
+                                                                           add_special_tokens=False)["input_ids"]
+        if flag:  # spaces are <_>, so a lone ▁ can only be the ancestor's line separator
+            assert tok.convert_tokens_to_string(["▁", "<_>", "▁"]) == "\n \n"
+        tok.save_pretrained(tmp_path / str(flag))
+        assert load_tokenizer(tmp_path / str(flag))(LINES[:20])["input_ids"] == tok(LINES[:20])["input_ids"]
+
+
+_ISOLATED = """
+import json, socket, sys
+def refuse(*args, **kwargs):
+    raise RuntimeError("network access")
+socket.socket.connect = refuse
+import pythainlp.corpus.core as core
+core.download = core.get_corpus_path = refuse  # a corpus that is not packaged would be fetched through these
+sys.modules["ds_mlm"] = None  # any import of ds-mlm fails: the directory must carry its own code
+from transformers import AutoTokenizer
+lines = sys.argv[1:5]
+for path in sys.argv[5:]:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    print(json.dumps([type(tok).__module__, tok(lines)["input_ids"]]))
+"""
+
+
+def test_a_saved_directory_loads_without_ds_mlm_and_without_network(tmp_path):
+    """trust_remote_code loading from the module files saved beside the vocabulary; PyThaiNLP's dictionaries come
+    from its package, nothing is fetched."""
+    from ds_mlm.train_tokenizer import TrainTokenizerArguments, train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n".join(LINES + ["ข่าวรัฐบาลไทย วันนี้"]) + "\n", encoding="utf-8")
+    lines = LINES[:3] + ["ข่าว <mask> รัฐบาลไทย วันนี้"]
+    saved, want = [], []
+    for kind in ("spm", "newmm", "syllable"):
+        out = train(TrainTokenizerArguments(type=kind, input_dir=str(corpus), output_dir=str(tmp_path / kind),
+                                            vocab_size=500, num_workers=1))
+        tok = load_tokenizer(out, kind, add_space_token=True)
+        saved.append(tmp_path / f"{kind}-saved")
+        tok.save_pretrained(saved[-1])  # the flag must survive, too
+        want.append(tok(lines)["input_ids"])
+    assert want[1] != want[2]  # words and syllables: two dictionaries at work
+    data_dir = tmp_path / "pythainlp-data"
+    data_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED, *lines, *saved], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
+                                                          "HF_HUB_OFFLINE": "1", "PYTHAINLP_DATA_DIR": str(data_dir),
+                                                          "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()[-3:]]
+    assert [module.split(".")[0] for module, _ in results] == ["transformers_modules"] * 3
+    assert [ids for _, ids in results] == want
+    assert not any(data_dir.iterdir())  # nothing was downloaded into PyThaiNLP's data directory
