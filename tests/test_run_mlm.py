@@ -56,3 +56,70 @@ def test_seed_command_through_the_deepspeed_launcher(tmp_path, small_corpus, spm
     resolved = json.loads((out / "ds_config.json").read_text())
     assert resolved["train_batch_size"] == 4 * 2 * 1
     assert resolved["bf16"]["enabled"] is True and not resolved.get("fp16", {}).get("enabled", False)
+
+
+# -- every tokenizer type, end to end: train it, build the dataset with it, train a few steps, export ---------------
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    from conftest import free_port
+    from ds_mlm import distributed
+
+    mp = pytest.MonkeyPatch()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        mp.setenv(key, value)
+    distributed.init()
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def segmented_corpus(tmp_path_factory, small_corpus):
+    """The small corpus cut into words by an offline segmenter, words joined by <|> (the sefr_cut input)."""
+    from pythainlp.tokenize.newmm import segment
+
+    root = tmp_path_factory.mktemp("segmented")
+    for split, folder in zip(("train", "eval"), small_corpus):
+        (root / split).mkdir()
+        for src in sorted(folder.glob("*.txt")):
+            lines = src.read_text(encoding="utf-8").splitlines()
+            (root / split / src.name).write_text("\n".join("<|>".join(segment(x)) for x in lines) + "\n",
+                                                 encoding="utf-8")
+    return root / "train", root / "eval"
+
+
+@pytest.mark.parametrize("kind", ["newmm", "syllable", "sefr_cut", "bpe"])
+def test_each_tokenizer_type_builds_its_dataset_and_trains(kind, tmp_path, small_corpus, segmented_corpus,
+                                                           world_of_one):
+    from ds_mlm.data import open_store
+    from ds_mlm.run_mlm import main
+    from ds_mlm.train_tokenizer import main as train_tokenizer
+
+    train, evaluation = segmented_corpus if kind == "sefr_cut" else small_corpus
+    tok_dir, out = tmp_path / "tokenizer", tmp_path / "out"
+    # a vocabulary of every word of the training text (BPE: 800 pieces), so no training token may be <unk>
+    size = "800" if kind == "bpe" else "30000"
+    assert train_tokenizer(["--type", kind, "--input_dir", str(train), "--vocab_size", size, "--min_frequency", "1",
+                            "--output_dir", str(tok_dir)]) == 0
+    tokenizer_type = "auto" if kind == "bpe" else kind
+    space = [] if kind == "bpe" else ["--add_space_token"]  # byte-level BPE keeps spaces itself
+    assert main(["--tokenizer_name_or_path", str(tok_dir), "--tokenizer_type", tokenizer_type, *space,
+                 "--train_dir", str(train), "--eval_dir", str(evaluation), "--output_dir", str(out),
+                 "--architecture", "roberta-tiny", "--max_seq_length", "64", "--per_device_train_batch_size", "4",
+                 "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--evaluation_strategy", "steps",
+                 "--eval_steps", "3", "--deepspeed_config", "zero0.json"]) == 0
+
+    tokenizer = load_tokenizer(str(tok_dir), tokenizer_type, add_space_token=bool(space))
+    store = open_store(str(out / "datasets_cache" / "train"))
+    first = store[0].tolist()
+    assert first[0] == tokenizer.bos_token_id and tokenizer.eos_token_id in first
+    assert max(max(store[i].tolist()) for i in range(len(store))) < len(tokenizer)
+    assert not any(tokenizer.unk_token_id in store[i].tolist() for i in range(len(store)))  # same cutting twice
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and any("eval_loss" in r for r in records)
+    model = AutoModelForMaskedLM.from_pretrained(out / "roberta_thai")
+    assert model.config.vocab_size == len(tokenizer)
+    reloaded = load_tokenizer(str(out / "roberta_thai"), "auto")
+    text = "<|>".join(["ข่าว", " ", "วันนี้"]) if kind == "sefr_cut" else "ข่าว วันนี้ The school"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]

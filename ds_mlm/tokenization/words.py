@@ -40,7 +40,11 @@ def pre_tokenize(kind: str, text: str) -> list[str]:
         return [word for part in text.split(SEFR_CUT_SEPARATOR) for word in part.split()]
     from pythainlp.tokenize.newmm import segment
 
-    return [word for word in segment(text, custom_dict=_dictionary(kind)) if not word.isspace()]
+    # No word spans a space, and newmm's matching can run across one: cut each space-separated part on its own, so
+    # a line cuts the same whether its spaces become <_> tokens (which split it first) or not, and the vocabulary
+    # (counted by train_tokenizer through this same function) always covers what tokenizing produces.
+    trie = _dictionary(kind)
+    return [word for part in text.split() for word in segment(part, custom_dict=trie) if not word.isspace()]
 
 
 class ThaiWordsTokenizer(RobertaLayoutTokenizer):
