@@ -74,7 +74,7 @@ class TrainTokenizerArguments:
             raise UserError("--min_frequency must be at least 1")
         if self.num_workers < 0 or self.input_sentence_size < 0:
             raise UserError("--num_workers and --input_sentence_size must be 0 or more")
-        self.files = list_text_files(self.input_dir, self.ext)  # no corpus: fail before anything is written
+        self.files = list_text_files(self.input_dir, self.ext, "--input_dir")  # no corpus: fail before anything is written
         self.num_workers = self.num_workers or os.cpu_count() or 1
 
 

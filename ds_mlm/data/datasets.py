@@ -1,0 +1,115 @@
+"""The dataset classes of thai2transformers, by name and positional signature, over ds-mlm's token stores.
+
+Old code keeps working: `MemmapConcatFullSentenceTextDataset(tokenizer, file_path, block_size, datasets_cache_dir,
+chunk_size, overwrite_cache)` builds (or reuses, when its inputs are unchanged) a token store in
+`datasets_cache_dir` and is that store. `file_path` may be one file or a list of files (the ancestor read one).
+Without `datasets_cache_dir`, the store goes to `.ds_mlm_cache/` beside the first file.
+"""
+
+import bisect
+import os
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ds_mlm.data.build import BuildReport, ensure_store
+from ds_mlm.data.packing import CONCAT, LINE_BY_LINE
+from ds_mlm.data.spec import DatasetSpec
+from ds_mlm.data.store import TokenStore
+
+PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+class _BuiltStore(TokenStore):
+    """A token store built (or reused, when its inputs are unchanged) when the dataset is constructed."""
+
+    datasets_type: str
+
+    def __init__(self, tokenizer, file_path: PathOrPaths, block_size: int, datasets_cache_dir: Optional[str] = None,
+                 chunk_size: int = 2500, overwrite_cache: bool = False, long_sentence: str = "split",
+                 num_workers: Optional[int] = None):
+        spec = DatasetSpec(files=file_path, tokenizer=tokenizer, block_size=block_size,
+                           datasets_type=self.datasets_type, long_sentence=long_sentence)
+        if datasets_cache_dir is None:  # beside the first file, one store per type and block size
+            first = os.path.abspath(spec.files[0])
+            datasets_cache_dir = os.path.join(os.path.dirname(first), ".ds_mlm_cache",
+                                              f"{os.path.basename(first)}.{self.datasets_type}.{block_size}")
+        os.makedirs(os.path.dirname(os.path.abspath(datasets_cache_dir)), exist_ok=True)
+        # The build's report, or None when an up-to-date store was reused.
+        self.report: Optional[BuildReport] = ensure_store(spec, datasets_cache_dir, num_workers, chunk_size,
+                                                          overwrite_cache)
+        super().__init__(datasets_cache_dir)
+
+
+class MemmapConcatFullSentenceTextDataset(_BuiltStore):
+    """Whole sentences packed into blocks of at most block_size ids (packing.py)."""
+
+    datasets_type = CONCAT
+
+
+class MemmapLineByLineTextDataset(_BuiltStore):
+    """One sample per line, at most block_size ids."""
+
+    datasets_type = LINE_BY_LINE
+
+
+class PaddedDataset(torch.utils.data.Dataset):
+    """Every sample of `dataset` right-padded with `padding_idx` to `block_size` ids (the ancestor's eval wrapper)."""
+
+    def __init__(self, dataset, padding_idx: int, block_size: int):
+        self.dataset, self.padding_idx, self.block_size = dataset, int(padding_idx), int(block_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _pad(self, sample) -> np.ndarray:
+        sample = np.asarray(sample)
+        if sample.size > self.block_size:
+            raise ValueError(f"a sample of {sample.size} ids does not fit block_size {self.block_size}")
+        out = np.full(self.block_size, self.padding_idx, dtype=np.int64)
+        out[:sample.size] = sample
+        return out
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._pad(self.dataset[i]))
+
+    def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
+        return [self._pad(s) for s in _getitems(self.dataset, indices)]
+
+
+class ConcatDataset(torch.utils.data.Dataset):
+    """The samples of several datasets one after the other."""
+
+    def __init__(self, datasets: Sequence):
+        self.datasets = list(datasets)
+        self.cumulative_sizes = np.cumsum([len(d) for d in self.datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1] if self.cumulative_sizes else 0
+
+    def _locate(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        i %= len(self)
+        d = bisect.bisect_right(self.cumulative_sizes, i)
+        return d, i - (self.cumulative_sizes[d - 1] if d else 0)
+
+    def __getitem__(self, i: int):
+        d, j = self._locate(i)
+        return self.datasets[d][j]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """Batched per dataset, so each store answers with one vectorised read."""
+        located = [self._locate(int(i)) for i in indices]
+        out = [None] * len(located)
+        for d, dataset in enumerate(self.datasets):
+            where = [k for k, (dd, _) in enumerate(located) if dd == d]
+            for k, sample in zip(where, _getitems(dataset, [located[k][1] for k in where])):
+                out[k] = sample
+        return out
+
+
+def _getitems(dataset, indices: Sequence[int]) -> list:
+    getitems = getattr(dataset, "__getitems__", None)
+    return getitems(list(indices)) if getitems else [dataset[i] for i in indices]

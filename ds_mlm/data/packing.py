@@ -1,0 +1,225 @@
+"""Packing tokenized sentences into training samples: numba kernels over flat arrays, streaming-exact.
+
+Input is always flat: `tokens`, the ids of all sentences back to back, and `offsets` (int64, n_sentences + 1) with
+sentence i = tokens[offsets[i]:offsets[i + 1]]. Output is flat the same way: `block_tokens` and `block_offsets`
+(starting at 0), one entry per sample. No Python list is ever built per sentence or per block.
+
+Full-sentence packing (thai2transformers' `MemmapConcatFullSentenceTextDataset`): a block is
+
+    <s> s1 SEP s2 SEP ... sk </s>            at most block_size ids; usable = block_size - 2 between <s> and </s>
+
+filled greedily in order: a sentence (with one SEP before it, unless it opens the block) is appended while the block
+stays within `usable` ids, otherwise the block is closed and the sentence opens the next one. Sentences are kept
+whole. Fixed defects of the ancestor: the last block gets <s> and </s> too, and a sentence longer than `usable` is
+cut into pieces of `usable` ids, each packed as a sentence of its own ("split", the default: nothing is lost), or
+dropped ("skip", the ancestor's behaviour), or cut to its first `usable` ids ("truncate"). Empty sentences are
+ignored (counted).
+
+Line by line (`MemmapLineByLineTextDataset`): one sample `<s> s </s>` per sentence; a sentence longer than `usable`
+follows the same policy (split into several samples, skipped, or truncated as the ancestor did).
+
+Streaming: `Packer.feed` packs one chunk at a time and carries the unfinished last block (its ids between <s> and
+the cut) into the next call, so packing chunk by chunk gives exactly the blocks of packing everything at once.
+"""
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from numba import njit
+
+CONCAT = "MemmapConcatFullSentenceTextDataset"
+LINE_BY_LINE = "MemmapLineByLineTextDataset"
+POLICIES = {"split": 0, "skip": 1, "truncate": 2}
+_SPLIT, _SKIP, _TRUNCATE = 0, 1, 2
+
+
+@dataclass
+class PackStats:
+    """What packing did, summed over every chunk fed."""
+
+    sentences: int = 0
+    """Non-empty sentences read."""
+    empty: int = 0
+    """Sentences without any id (ignored)."""
+    tokens: int = 0
+    """Ids of the sentences read (specials and separators excluded)."""
+    blocks: int = 0
+    """Samples written."""
+    block_tokens: int = 0
+    """Ids written, <s>, </s> and separators included."""
+    skipped: int = 0
+    """Sentences longer than a block that were dropped (long_sentence="skip")."""
+    split: int = 0
+    """Sentences longer than a block that were cut into several pieces (long_sentence="split")."""
+    truncated: int = 0
+    """Sentences longer than a block cut to one block (long_sentence="truncate")."""
+    dropped_tokens: int = 0
+    """Ids lost by skipping or truncating."""
+    padding: int = 0
+    """Padding a batch of full-length rows would need: the sum over blocks of block_size - len(block)."""
+
+    @classmethod
+    def from_array(cls, counts: np.ndarray) -> "PackStats":
+        return cls(*(int(c) for c in counts))
+
+
+_N_STATS = len(fields(PackStats))
+_SENTENCES, _EMPTY, _TOKENS, _BLOCKS, _BLOCK_TOKENS, _SKIPPED, _SPLITS, _TRUNCATED, _DROPPED, _PADDING = range(_N_STATS)
+
+
+@njit(cache=True)
+def _take(a, b, usable, policy, stats):
+    """Account for sentence tokens[a:b]; return the end of what is kept (a when the sentence is dropped)."""
+    n = b - a
+    if n == 0:
+        stats[_EMPTY] += 1
+        return a
+    stats[_SENTENCES] += 1
+    stats[_TOKENS] += n
+    if n <= usable:
+        return b
+    if policy == _SKIP:
+        stats[_SKIPPED] += 1
+        stats[_DROPPED] += n
+        return a
+    if policy == _TRUNCATE:
+        stats[_TRUNCATED] += 1
+        stats[_DROPPED] += n - usable
+        return a + usable
+    stats[_SPLITS] += 1
+    return b
+
+
+@njit(cache=True)
+def _close(out, pos, out_offsets, nb, block_size, eos, stats):
+    """Write </s> after the open block (which starts at out_offsets[nb]); return the new write position."""
+    out[pos] = eos
+    pos += 1
+    stats[_BLOCKS] += 1
+    stats[_BLOCK_TOKENS] += pos - out_offsets[nb]
+    stats[_PADDING] += block_size - (pos - out_offsets[nb])
+    out_offsets[nb + 1] = pos
+    return pos
+
+
+@njit(cache=True)
+def _pack_concat(tokens, offsets, block_size, bos, eos, sep, policy, carry, final, stats):
+    """Full-sentence packing of one chunk; `carry` is the open block left by the previous chunk (ids after <s>).
+
+    Returns (block_tokens, block_offsets, new_carry); with final=True the open block is closed and new_carry is empty.
+    """
+    usable = block_size - 2
+    n = offsets.size - 1
+    total = offsets[n] - offsets[0]
+    # Every piece of at most `usable` ids closes at most one block and brings at most one separator.
+    max_blocks = n + total // usable + 2
+    out = np.empty(carry.size + total + 3 * max_blocks, dtype=tokens.dtype)
+    out_offsets = np.zeros(max_blocks + 1, dtype=np.int64)
+    nb = 0
+    out[0] = bos
+    pos = 1
+    out[pos:pos + carry.size] = carry
+    pos += carry.size
+    used = carry.size  # ids in the open block after <s>
+    for i in range(n):
+        a = offsets[i]
+        b = _take(a, offsets[i + 1], usable, policy, stats)
+        while a < b:  # pieces of at most `usable` ids (one piece unless the sentence is split)
+            m = min(usable, b - a)
+            if used > 0 and used + 1 + m > usable:
+                pos = _close(out, pos, out_offsets, nb, block_size, eos, stats)
+                nb += 1
+                out[pos] = bos
+                pos += 1
+                used = 0
+            if used > 0:
+                out[pos] = sep
+                pos += 1
+                used += 1
+            out[pos:pos + m] = tokens[a:a + m]
+            pos += m
+            used += m
+            a += m
+    if final and used > 0:
+        pos = _close(out, pos, out_offsets, nb, block_size, eos, stats)
+        nb += 1
+        used = 0
+    new_carry = out[pos - used:pos].copy()
+    return out[:out_offsets[nb]], out_offsets[:nb + 1], new_carry
+
+
+@njit(cache=True)
+def _pack_lines(tokens, offsets, block_size, bos, eos, policy, stats):
+    """Line by line: `<s> sentence </s>` per sentence (per piece of `usable` ids when a long sentence is split)."""
+    usable = block_size - 2
+    n = offsets.size - 1
+    total = offsets[n] - offsets[0]
+    max_blocks = n + total // usable + 1
+    out = np.empty(total + 2 * max_blocks, dtype=tokens.dtype)
+    out_offsets = np.zeros(max_blocks + 1, dtype=np.int64)
+    nb = 0
+    pos = 0
+    for i in range(n):
+        a = offsets[i]
+        b = _take(a, offsets[i + 1], usable, policy, stats)
+        while a < b:
+            m = min(usable, b - a)
+            out[pos] = bos
+            out[pos + 1:pos + 1 + m] = tokens[a:a + m]
+            pos = _close(out, pos + 1 + m, out_offsets, nb, block_size, eos, stats)
+            nb += 1
+            a += m
+    return out[:pos], out_offsets[:nb + 1]
+
+
+class Packer:
+    """Streaming packer: `feed(tokens, offsets)` chunk after chunk, then `finish()`; `stats` sums what it did."""
+
+    def __init__(self, datasets_type: str, block_size: int, bos_id: int, eos_id: int, sep_id: int,
+                 long_sentence: str = "split", dtype=np.uint32):
+        if datasets_type not in (CONCAT, LINE_BY_LINE):
+            raise ValueError(f"unknown datasets_type {datasets_type!r}: use {CONCAT} or {LINE_BY_LINE}")
+        if long_sentence not in POLICIES:
+            raise ValueError(f"unknown long_sentence {long_sentence!r}: use one of {', '.join(POLICIES)}")
+        if block_size < 3:
+            raise ValueError(f"block_size {block_size} cannot hold <s>, one id and </s>")
+        self.concat = datasets_type == CONCAT
+        self.block_size, self.policy = int(block_size), POLICIES[long_sentence]
+        self.dtype = np.dtype(dtype)
+        self.bos, self.eos, self.sep = (self.dtype.type(i) for i in (bos_id, eos_id, sep_id))
+        self._counts = np.zeros(_N_STATS, dtype=np.int64)
+        self._carry = np.zeros(0, dtype=self.dtype)
+
+    @property
+    def stats(self) -> PackStats:
+        return PackStats.from_array(self._counts)
+
+    def feed(self, tokens: np.ndarray, offsets: np.ndarray, final: bool = False):
+        """Pack one chunk; returns (block_tokens, block_offsets) of the blocks it completed."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        if offsets.size == 0 or offsets[0] < 0 or offsets[-1] > tokens.size or np.any(offsets[1:] < offsets[:-1]):
+            raise ValueError("offsets must be non-decreasing, start at 0 or more and end within tokens")
+        if not self.concat:
+            return _pack_lines(tokens, offsets, self.block_size, self.bos, self.eos, self.policy, self._counts)
+        blocks, block_offsets, self._carry = _pack_concat(tokens, offsets, self.block_size, self.bos, self.eos,
+                                                          self.sep, self.policy, self._carry, final, self._counts)
+        return blocks, block_offsets
+
+    def finish(self):
+        """Close the last open block; returns its (block_tokens, block_offsets), empty when nothing was open."""
+        return self.feed(np.zeros(0, dtype=self.dtype), np.zeros(1, dtype=np.int64), final=True)
+
+
+def pack_full_sentences(tokens, offsets, block_size, bos_id, eos_id, sep_id, long_sentence="split"):
+    """Pack all sentences at once: (block_tokens, block_offsets, stats); see the module docstring."""
+    packer = Packer(CONCAT, block_size, bos_id, eos_id, sep_id, long_sentence, dtype=np.asarray(tokens).dtype)
+    blocks, block_offsets = packer.feed(tokens, offsets, final=True)
+    return blocks, block_offsets, packer.stats
+
+
+def pack_lines(tokens, offsets, block_size, bos_id, eos_id, long_sentence="split"):
+    """One sample per sentence: (block_tokens, block_offsets, stats); see the module docstring."""
+    packer = Packer(LINE_BY_LINE, block_size, bos_id, eos_id, eos_id, long_sentence, dtype=np.asarray(tokens).dtype)
+    blocks, block_offsets = packer.feed(tokens, offsets)
+    return blocks, block_offsets, packer.stats

@@ -1,0 +1,125 @@
+"""The packing kernels against a plain-Python reference of the same algorithm, edge cases, and streaming exactness."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_mlm.data.packing import CONCAT, LINE_BY_LINE, Packer, pack_full_sentences, pack_lines
+
+BOS, EOS, SEP = 0, 2, 4
+
+
+def reference_concat(sentences, block_size, policy):
+    """Greedy full-sentence packing written the obvious way, with lists."""
+    usable, blocks, current = block_size - 2, [], []
+    for s in sentences:
+        if len(s) > usable and policy == "skip":
+            continue
+        if len(s) > usable and policy == "truncate":
+            s = s[:usable]
+        for piece in (s[i:i + usable] for i in range(0, len(s), usable)):
+            if current and len(current) + 1 + len(piece) > usable:
+                blocks.append([BOS, *current, EOS])
+                current = []
+            current = [*current, SEP, *piece] if current else list(piece)
+    if current:
+        blocks.append([BOS, *current, EOS])
+    return blocks
+
+
+def reference_lines(sentences, block_size, policy):
+    usable, blocks = block_size - 2, []
+    for s in sentences:
+        if len(s) > usable and policy == "skip":
+            continue
+        if len(s) > usable and policy == "truncate":
+            s = s[:usable]
+        blocks += [[BOS, *s[i:i + usable], EOS] for i in range(0, len(s), usable)]
+    return blocks
+
+
+def flat(sentences, dtype=np.uint16):
+    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in sentences], out=offsets[1:])
+    tokens = np.array([t for s in sentences for t in s], dtype=dtype)
+    return tokens, offsets
+
+
+def as_lists(blocks, offsets):
+    assert offsets[0] == 0 and offsets[-1] == blocks.size
+    return [blocks[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+sentence_lists = st.lists(st.lists(st.integers(5, 60000), max_size=25), max_size=40)
+policies = st.sampled_from(["split", "skip", "truncate"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(sentences=sentence_lists, block_size=st.integers(3, 20), policy=policies)
+def test_full_sentences_equal_the_reference(sentences, block_size, policy):
+    blocks, offsets, stats = pack_full_sentences(*flat(sentences), block_size, BOS, EOS, SEP, policy)
+    expected = reference_concat(sentences, block_size, policy)
+    assert as_lists(blocks, offsets) == expected
+    assert stats.blocks == len(expected) and stats.block_tokens == sum(map(len, expected))
+    assert stats.padding == sum(block_size - len(b) for b in expected)
+    assert stats.sentences == sum(1 for s in sentences if s) and stats.empty == sum(1 for s in sentences if not s)
+    long = sum(1 for s in sentences if len(s) > block_size - 2)
+    assert (stats.split, stats.skipped, stats.truncated) == tuple(long if policy == p else 0
+                                                                  for p in ("split", "skip", "truncate"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sentences=sentence_lists, block_size=st.integers(3, 20), policy=policies)
+def test_line_by_line_equals_the_reference(sentences, block_size, policy):
+    blocks, offsets, stats = pack_lines(*flat(sentences), block_size, BOS, EOS, policy)
+    assert as_lists(blocks, offsets) == reference_lines(sentences, block_size, policy)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sentences=sentence_lists, block_size=st.integers(3, 20), policy=policies,
+       cuts=st.lists(st.integers(0, 40), max_size=6), kind=st.sampled_from([CONCAT, LINE_BY_LINE]))
+def test_chunked_packing_equals_packing_everything_at_once(sentences, block_size, policy, cuts, kind):
+    whole = Packer(kind, block_size, BOS, EOS, SEP, policy, np.uint16)
+    expected = as_lists(*whole.feed(*flat(sentences), final=True))
+    streamed = Packer(kind, block_size, BOS, EOS, SEP, policy, np.uint16)
+    got, bounds = [], [0, *sorted(min(c, len(sentences)) for c in cuts), len(sentences)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        got += as_lists(*streamed.feed(*flat(sentences[a:b])))
+    got += as_lists(*streamed.finish())
+    assert got == expected
+    assert streamed.stats == whole.stats
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_edge_cases(dtype):
+    big = 70000 if dtype == np.uint32 else 60000
+    pack = lambda sents, bs=6, policy="split": as_lists(*pack_full_sentences(*flat(sents, dtype), bs, BOS, EOS, SEP,
+                                                                              policy)[:2])
+    assert pack([]) == [] and pack([[], []]) == []
+    assert pack([[7]]) == [[BOS, 7, EOS]]
+    assert pack([[7, 8, 9, big]]) == [[BOS, 7, 8, 9, big, EOS]]  # exactly usable = block_size - 2
+    assert pack([[7, 8], [], [9]]) == [[BOS, 7, 8, SEP, 9, EOS]]  # the empty sentence brings no separator
+    assert pack([[7, 8], [9, 10]]) == [[BOS, 7, 8, EOS], [BOS, 9, 10, EOS]]  # 2 + sep + 2 > 4: a new block
+    long = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [11]]
+    assert pack(long, policy="split") == [[BOS, 1, 2, 3, 4, EOS], [BOS, 5, 6, 7, 8, EOS], [BOS, 9, SEP, 11, EOS]]
+    assert pack(long, policy="skip") == [[BOS, 11, EOS]]
+    assert pack(long, policy="truncate") == [[BOS, 1, 2, 3, 4, EOS], [BOS, 11, EOS]]
+    assert pack([[7] * 9], bs=3) == [[BOS, 7, EOS]] * 9  # the smallest block: one id each
+
+
+def test_stats_count_what_is_lost_and_the_last_block_is_closed():
+    sentences = [[9] * 10, [8] * 3, []]
+    for policy, dropped in (("split", 0), ("skip", 10), ("truncate", 6)):
+        blocks, offsets, stats = pack_full_sentences(*flat(sentences), 6, BOS, EOS, SEP, policy)
+        assert stats.dropped_tokens == dropped and stats.tokens == 13
+        assert blocks[-1] == EOS and blocks[offsets[-2]] == BOS
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError):
+        Packer(CONCAT, 2, BOS, EOS, SEP)
+    with pytest.raises(ValueError):
+        Packer(CONCAT, 8, BOS, EOS, SEP, long_sentence="wrap")
+    with pytest.raises(ValueError):
+        Packer(CONCAT, 8, BOS, EOS, SEP).feed(np.arange(3), np.array([0, 2, 1, 3]))
