@@ -46,55 +46,15 @@ def tokenizer_and_data(workdir: Path):
 
     from ds_mlm.args import DataArguments
     from ds_mlm.distributed import env_info
+    from ds_mlm.prepare import prepare_datasets
 
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
         build_bpe_tokenizer(tok_dir, vocab_size=8000)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     data_args = DataArguments(train_dir=str(REPO / "data" / "sample" / "train"), max_seq_length=SEQ)
-    try:
-        import ds_mlm.data  # noqa: F401
-    except ImportError:  # while ds_mlm.data is being written: the same on-disk idea, built here
-        print("NOTE: ds_mlm.data is not importable; reading a local memmap of fixed blocks (uint32) instead")
-        return tokenizer, MemmapBlocks.build(tokenizer, REPO / "data" / "sample" / "train", workdir / "memmap"), data_args
-    from ds_mlm.prepare import prepare_datasets
-
     train_ds, _ = prepare_datasets(data_args, tokenizer, env_info(), str(workdir / "cache"))
     return tokenizer, train_ds, data_args
-
-
-class MemmapBlocks:
-    """Blocks of SEQ ids (<s> ... </s>) in a memory-mapped uint32 file; __getitems__ reads them zero-copy."""
-
-    def __init__(self, path: Path):
-        import numpy as np
-
-        self.ids = np.memmap(path, dtype=np.uint32, mode="r").reshape(-1, SEQ)
-
-    @classmethod
-    def build(cls, tokenizer, folder: Path, out: Path):
-        import numpy as np
-
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "blocks.u32"
-        if not path.exists():
-            ids = []
-            for f in sorted(folder.glob("*.txt")):
-                for line in f.read_text(encoding="utf-8").splitlines():
-                    ids += tokenizer(line, add_special_tokens=False)["input_ids"]
-            n = SEQ - 2
-            rows = [[tokenizer.bos_token_id, *ids[i:i + n], tokenizer.eos_token_id]
-                    for i in range(0, len(ids) - n + 1, n)]
-            np.asarray(rows, dtype=np.uint32).tofile(path)
-        return cls(path)
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitems__(self, indices):
-        import torch
-
-        return [torch.from_numpy(self.ids[i].astype("int64")) for i in indices]
 
 
 def make_model(tokenizer, seed=0):
