@@ -25,29 +25,20 @@ import torch
 from numba import njit
 
 from ds_mlm.errors import UserError
+from ds_mlm.hashing import GOLDEN, U64, epoch_key, mix64
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy ignores by default
-_U64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SELECT, _REPLACE, _RANDOM = np.uint64(1), np.uint64(2), np.uint64(3)  # one hash stream per decision
 _UNIT = float(1 << 53)  # a decision compares a hash's top 53 bits with probability * 2**53
-
-
-@njit(cache=True)
-def _mix64(x):
-    """splitmix64's finaliser: a bijective 64-bit hash in which every input bit affects every output bit."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 @njit(cache=True)
 def _sample_keys(seed, epoch, indices):
     """One 64-bit key per sample from (seed, epoch, sample index)."""
     keys = np.empty(indices.size, dtype=np.uint64)
-    base = _mix64(_mix64(seed ^ _GOLDEN) ^ epoch)
+    base = epoch_key(seed, epoch)
     for i in range(indices.size):
-        keys[i] = _mix64(base ^ _mix64(np.uint64(indices[i]) + _GOLDEN))
+        keys[i] = mix64(base ^ mix64(np.uint64(indices[i]) + GOLDEN))
     return keys
 
 
@@ -65,17 +56,17 @@ def _mask_kernel(flat, offsets, keys, is_special, word_start, regular, mask_id, 
             attention_mask[b, j] = 1
             if is_special[token]:
                 continue
-            counter = keys[b] + np.uint64(j) * _GOLDEN
+            counter = keys[b] + np.uint64(j) * GOLDEN
             if word_start[token] or j == 0 or is_special[flat[begin + j - 1]]:  # a new word: decide once for it
-                selected = (_mix64(counter ^ _SELECT) >> np.uint64(11)) < select_below
+                selected = (mix64(counter ^ _SELECT) >> np.uint64(11)) < select_below
             if not selected:
                 continue
             labels[b, j] = token
-            u = _mix64(counter ^ _REPLACE) >> np.uint64(11)
+            u = mix64(counter ^ _REPLACE) >> np.uint64(11)
             if u < replace_below:
                 input_ids[b, j] = mask_id
             elif u < random_below:
-                input_ids[b, j] = regular[_mix64(counter ^ _RANDOM) % n_regular]
+                input_ids[b, j] = regular[mix64(counter ^ _RANDOM) % n_regular]
 
 
 def _help(default, text: str, **kw):
@@ -164,7 +155,7 @@ class MLMCollator:
         input_ids = np.full((len(arrays), width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(arrays), width), dtype=np.int64)
         labels = np.full((len(arrays), width), IGNORE_INDEX, dtype=np.int64)
-        keys = _sample_keys(np.uint64(int(self.seed) & _U64), np.uint64(int(epoch) & _U64),
+        keys = _sample_keys(np.uint64(int(self.seed) & U64), np.uint64(int(epoch) & U64),
                             np.asarray(indices, dtype=np.int64).reshape(-1))
         _mask_kernel(flat, offsets, keys, self._is_special, self._word_start, self._regular,
                      np.int64(self.mask_token_id), self._select_below, self._replace_below, self._random_below,

@@ -27,27 +27,18 @@ import numpy as np
 from numba import njit
 
 from ds_mlm.errors import UserError
+from ds_mlm.hashing import GOLDEN, U64, epoch_key, mix64
 
-_U64 = (1 << 64) - 1
 _ROUNDS = 6  # Luby-Rackoff: 4 rounds make a strong pseudorandom permutation; 2 more cost nothing
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-@njit(cache=True)
-def _mix64(x):
-    """splitmix64's finaliser: a bijective 64-bit hash in which every input bit affects every output bit."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 @njit(cache=True)
 def _round_keys(seed, epoch, rounds):
     """The Feistel round keys of one epoch: a function of (seed, epoch) only."""
     keys = np.empty(rounds, dtype=np.uint64)
-    base = _mix64(_mix64(seed ^ _GOLDEN) ^ epoch)
+    base = epoch_key(seed, epoch)
     for r in range(rounds):
-        keys[r] = _mix64(base + np.uint64(r + 1) * _GOLDEN)
+        keys[r] = mix64(base + np.uint64(r + 1) * GOLDEN)
     return keys
 
 
@@ -63,7 +54,7 @@ def _feistel_positions(start, count, n, half_bits, keys, out):
             left = x >> half
             right = x & low
             for key in keys:
-                left, right = right, left ^ (_mix64(right ^ key) & low)
+                left, right = right, left ^ (mix64(right ^ key) & low)
             x = (left << half) | right
             if x < un:
                 break
@@ -128,7 +119,7 @@ class ResumableDistributedSampler:
         if not self.shuffle:
             return np.arange(start, stop, dtype=np.int64)
         if self._keys_epoch != epoch:  # derived once per epoch
-            self._keys = _round_keys(np.uint64(self.seed & _U64), np.uint64(epoch & _U64), _ROUNDS)
+            self._keys = _round_keys(np.uint64(self.seed & U64), np.uint64(epoch & U64), _ROUNDS)
             self._keys_epoch = epoch
         out = np.empty(stop - start, dtype=np.int64)
         _feistel_positions(start, stop - start, self.num_samples, self._half_bits, self._keys, out)

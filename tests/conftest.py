@@ -41,6 +41,20 @@ def build_bpe_tokenizer(out_dir: Path, vocab_size: int = 2000) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def world_of_one():
+    """An in-process world of one for the module's tests (environment restored after; the process group lives on,
+    as it must: torch cannot initialise a second one)."""
+    from ds_mlm import distributed
+
+    mp = pytest.MonkeyPatch()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        mp.setenv(key, value)
+    yield distributed.init()
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def sample_dirs():
     """(train_dir, eval_dir) of the bundled sample corpus."""

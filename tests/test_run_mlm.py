@@ -61,20 +61,6 @@ def test_seed_command_through_the_deepspeed_launcher(tmp_path, small_corpus, spm
 # -- every tokenizer type, end to end: train it, build the dataset with it, train a few steps, export ---------------
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    from conftest import free_port
-    from ds_mlm import distributed
-
-    mp = pytest.MonkeyPatch()
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
-        mp.setenv(key, value)
-    distributed.init()
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def segmented_corpus(tmp_path_factory, small_corpus):
     """The small corpus cut into words by an offline segmenter, words joined by <|> (the sefr_cut input)."""
     from pythainlp.tokenize.newmm import segment

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run
-from ds_mlm import distributed
 from ds_mlm.args import parse_args
 
 SEQ = 64
@@ -42,18 +41,6 @@ def blocks(tokenizer, folder, lines_per_file):
     n = SEQ - 2
     return ListDataset([torch.tensor([tokenizer.bos_token_id, *ids[i:i + n], tokenizer.eos_token_id])
                         for i in range(0, len(ids) - n + 1, n)])
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """An in-process world of one (env restored afterwards; the process group lives on, as it must)."""
-    mp = pytest.MonkeyPatch()
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
-        mp.setenv(key, value)
-    info = distributed.init()
-    yield info
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
