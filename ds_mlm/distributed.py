@@ -1,15 +1,30 @@
 """Process-group set-up: rank, world size and local rank from the environment, whichever launcher set them.
 
-The deepspeed launcher, torchrun and `python -m torch.distributed.launch` all export RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT. A bare `python -m ds_mlm.run_mlm` sets none of them: it is a world of one process,
-and we fill in the rendezvous defaults ourselves (DeepSpeed would otherwise try MPI discovery and fail).
+The deepspeed launcher, torchrun and `python -m torch.distributed.launch` export RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT and the processes-per-node count (LOCAL_SIZE or LOCAL_WORLD_SIZE). Under mpirun or srun
+(the deepspeed launcher's `--launcher openmpi|mpich|impi|mvapich|slurm`) each process has its scheduler's variables
+instead: we translate them, and MASTER_ADDR must be given (launch.sh passes it). A bare `python -m ds_mlm.run_mlm`
+has none: a world of one process on a free loopback port (DeepSpeed would otherwise try MPI discovery and fail).
+The processes of a node share its CPU cores: without OMP_NUM_THREADS each takes cores / processes-per-node threads.
 """
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
 import torch
+
+from ds_mlm.errors import UserError
+
+DEFAULT_PORT = "29500"  # torch's and DeepSpeed's default: the same on every node without being told
+SCHEDULERS = {  # name: (rank, world size, local rank, local world size) variables of each process
+    "OpenMPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "MPICH/Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    "Slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),  # STEP_: only inside an srun step
+}
 
 
 @dataclass(frozen=True)
@@ -28,8 +43,41 @@ class DistInfo:
         return self.rank == 0
 
     @property
+    def first_rank_on_node(self) -> int:
+        return self.rank - self.local_rank  # launchers number the processes of a node contiguously
+
+    @property
     def node_rank(self) -> int:
         return self.rank // max(self.local_world_size, 1)
+
+
+def _slurm_tasks_on_this_node() -> int:
+    """This node's entry of SLURM_STEP_TASKS_PER_NODE, which reads like "4(x2),3" (4, 4, 3 tasks)."""
+    counts = []
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")):
+        counts += [int(count)] * int(repeat or 1)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else 1
+
+
+def _scheduler_ranks():
+    """(scheduler name, rank, world size, local rank, local world size) from mpirun's or srun's variables, or None."""
+    for name, keys in SCHEDULERS.items():
+        if all(k in os.environ for k in keys if k is not None):
+            rank, world, local = (int(os.environ[k]) for k in keys[:3])
+            local_world = int(os.environ[keys[3]]) if keys[3] else _slurm_tasks_on_this_node()
+            return name, rank, world, local, local_world
+    return None
+
+
+def env_info() -> DistInfo:
+    """What the launcher told this process (a world of one when there is no launcher)."""
+    if "RANK" not in os.environ and (found := _scheduler_ranks()) is not None:
+        return DistInfo(*found[1:])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), local_world_size=local_world)
 
 
 def _free_port() -> int:
@@ -38,27 +86,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_info() -> DistInfo:
-    """What the launcher told this process (a world of one when there is no launcher)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), local_world_size=local_world)
-
-
-def set_single_process_defaults() -> None:
-    """Without a launcher, make this process a world of one on a free loopback port."""
+def fill_rendezvous_env() -> None:
+    """Make RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe this process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return  # a torch-style launcher said it all
+    found = _scheduler_ranks()
+    if found is None:  # no launcher: a world of one
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.setdefault(key, "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         return
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    name, rank, world, local, local_world = found
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        raise UserError(f"started by {name} without MASTER_ADDR: export MASTER_ADDR=the address of rank 0's node "
+                        "(and MASTER_PORT, default 29500) to every process, e.g. through launch.sh")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(local_world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", DEFAULT_PORT)
+
+
+def share_cores(local_world_size: int) -> None:
+    """Give this process its share of the node's cores, unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ or local_world_size <= 1:
+        return
+    torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world_size, 1))  # else each takes every core
 
 
 def init() -> DistInfo:
     """Join the process group through DeepSpeed (any accelerator), once."""
-    set_single_process_defaults()
+    fill_rendezvous_env()
+    share_cores(env_info().local_world_size)
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # say it, rather than let DeepSpeed guess (and warn) on every rank
     import deepspeed  # imported here: building a dataset must not pay for it
@@ -75,6 +135,15 @@ def init() -> DistInfo:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def job_store():
+    """The job's key-value store (the rendezvous store every rank is connected to), or None without a process group.
+
+    It lives in rank 0's process (in the launcher's agent under torchrun): when that dies, every call on it fails."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.distributed_c10d._get_default_store()  # no public accessor in torch 2.13
 
 
 def all_gather_object(obj) -> list:

