@@ -12,11 +12,10 @@ every rank, and a builder that dies (taking rank 0's store with it, or killed wi
 import logging
 import os
 import socket
-import tempfile
 import time
 import uuid
 
-from ds_mlm import distributed
+from ds_mlm import distributed, preflight
 from ds_mlm.data import DatasetSpec, StaleCacheError, ensure_store, list_text_files, open_store
 from ds_mlm.errors import UserError
 
@@ -112,27 +111,16 @@ def _wait(path: str, fingerprint: str, split: str, builder: int, dist, store):
             time.sleep(POLL_SECONDS)
 
 
-def _text_files(flag: str, directory: str, ext: str) -> list:
-    try:
-        return list_text_files(directory, ext)
-    except UserError as e:
-        raise UserError(f"{flag} {e}") from None  # say which flag gave the directory
-
-
 def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir: str):
     """(train_dataset, eval_dataset or None), each a read-only memory-mapped token store."""
     splits = [("train", "--train_dir", data_args.train_dir)]
     if data_args.eval_dir:
         splits.append(("validation", "--eval_dir", data_args.eval_dir))
-    specs = {split: DatasetSpec(files=_text_files(flag, directory, data_args.ext), tokenizer=tokenizer,
+    specs = {split: DatasetSpec(files=list_text_files(directory, data_args.ext, flag), tokenizer=tokenizer,
                                 block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
                                 long_sentence=data_args.long_sentence)
              for split, flag, directory in splits}
-    try:  # a real write, whose error says why (read-only file system, permission, quota...)
-        os.makedirs(cache_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=cache_dir).close()
-    except OSError as e:
-        raise UserError(f"--datasets_cache_dir {cache_dir}: {e.strerror}; give a writable directory") from None
+    preflight.writable_dir(cache_dir, "--datasets_cache_dir")  # a real write: its error says why
 
     fingerprints = {split: spec.fingerprint() for split, spec in specs.items()}
     check_same_inputs(fingerprints, dist)

@@ -17,6 +17,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def cpu_mixed_precision() -> str:
+    """What --fp16 (and bf16) trains in on this CPU: bf16 where oneDNN computes it natively (AVX512-BF16/AMX), else
+    fp32 (ds_mlm.ds_config.bf16_native); CI machines of either kind must pass."""
+    import torch
+
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -24,6 +24,17 @@ def write_json(tmp_path, config, name="ds.json") -> str:
     return str(path)
 
 
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """cpu_bf16(native): make this CPU one with (True) or without (False) AVX512-BF16/AMX, whichever CI runs on."""
+    import ds_mlm.ds_config
+
+    def set_native(native: bool):
+        monkeypatch.setattr(ds_mlm.ds_config, "bf16_native", lambda acc: native)
+
+    return set_native
+
+
 SHIPPED = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero2_offload.json",
            "zero3_offload.json"]
 
@@ -42,7 +53,8 @@ def test_every_shipped_config_resolves_and_deepspeed_accepts_it(tmp_path, monkey
     assert parsed.zero_optimization_stage == int(name[4])
 
 
-def test_default_is_zero2_bf16_with_flag_defaults(tmp_path):
+def test_default_is_zero2_bf16_with_flag_defaults(tmp_path, cpu_bf16):
+    cpu_bf16(True)
     args = targs(tmp_path)
     config = resolve_ds_config(args, world_size=1)
     assert find_config(None).endswith("zero2.json") and config["zero_optimization"]["stage"] == 2
@@ -79,24 +91,48 @@ def test_precedence_given_flag_wins_json_value_stands_auto_takes_default(tmp_pat
             args.weight_decay, args.adam_beta1, args.max_grad_norm) == (2e-4, 4, 3, 7, 0.1, 0.8, 0.5)
 
 
-def test_precision_flags_choose_one_precision(tmp_path):
+def test_precision_flags_choose_one_precision(tmp_path, cpu_bf16):
+    cpu_bf16(True)
     bf16_json = write_json(tmp_path, {"bf16": {"enabled": True}})
     assert resolve_ds_config(targs(tmp_path, "--deepspeed_config", bf16_json, "--bf16", "false"), 1)["bf16"]["enabled"] is False
     config = resolve_ds_config(targs(tmp_path, "--deepspeed_config", "zero0.json", "--bf16"), 1)
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
 
 
-def test_fp16_on_this_cpu_runs_bf16_with_one_warning(tmp_path, caplog):
+@pytest.mark.parametrize("native", [True, False])
+def test_fp16_on_a_cpu_runs_bf16_where_native_else_fp32_with_one_warning(tmp_path, caplog, cpu_bf16, native):
     from deepspeed.accelerator import get_accelerator
 
     assert not get_accelerator().is_fp16_supported()  # the premise (shared/notes/deepspeed-on-cpu.md)
+    cpu_bf16(native)
     args = targs(tmp_path, "--fp16")  # over zero2.json, whose bf16 is on: the flag names the precision
     with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
         config = resolve_ds_config(args, world_size=1)
-    assert config["fp16"]["enabled"] is False and config["bf16"]["enabled"] is True
-    assert args.bf16 is True and args.fp16 is False
+    assert config["fp16"]["enabled"] is False and config["bf16"]["enabled"] is native
+    assert args.bf16 is native and args.fp16 is False
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["fp16 is not supported on this cpu: training in bf16 instead (pass --bf16 to say so)"]
+    assert warnings == ["fp16 is not supported on this cpu: training in bf16 instead (pass --bf16 to say so)" if native
+                        else "fp16 is not supported on this cpu: training in fp32 instead (emulated without "
+                             "AVX512-BF16 or AMX, 10-40x slower than fp32)"]
+
+
+def test_bf16_on_a_cpu_that_emulates_it_runs_fp32_with_one_warning(tmp_path, caplog, cpu_bf16):
+    cpu_bf16(False)
+    with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
+        config = resolve_ds_config(targs(tmp_path), world_size=1)  # zero2.json: bf16 on
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "bf16 is emulated without AVX512-BF16 or AMX, 10-40x slower than fp32 on this cpu: training in fp32"]
+
+
+def test_bf16_native_asks_onednn_on_a_cpu(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_mlm.ds_config import bf16_native
+
+    for answer in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda answer=answer: answer)
+        assert bf16_native(get_accelerator()) is answer  # not DeepSpeed's CPU answer, which is always yes
 
 
 def test_fp16_kept_where_the_device_supports_it(tmp_path, monkeypatch):

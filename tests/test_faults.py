@@ -8,7 +8,6 @@ is not permitted they are skipped, saying so.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port, run
+from conftest import REPO, cpu_mixed_precision, free_port, run
 from ds_mlm.args import parse_args
 
 SEQ = 64
@@ -151,16 +151,17 @@ def test_every_zero_stage_trains(tmp_path, data, world_of_one, config):
         assert any(not torch.equal(a.float(), b.float()) for a, b in zip(before, after))  # the weights moved
 
 
-def test_fp16_on_cpu_trains_in_bf16_with_a_warning(tmp_path, data, world_of_one, caplog):
+def test_fp16_on_cpu_trains_in_bf16_or_fp32_with_a_warning(tmp_path, data, world_of_one, caplog):
+    mixed = cpu_mixed_precision()
     with caplog.at_level(logging.WARNING, logger="ds_mlm"):
         trainer = make_trainer(tmp_path, data, world_of_one, "--fp16", "--deepspeed_config", "zero1.json",
                                "--max_steps", "3", "--logging_steps", "1", eval_set=False)
-    assert "fp16 is not supported on this cpu: training in bf16 instead" in caplog.text
-    assert trainer.engine.bfloat16_enabled() and not trainer.engine.fp16_enabled()
+    assert f"fp16 is not supported on this cpu: training in {mixed} instead" in caplog.text
+    assert trainer.engine.bfloat16_enabled() is (mixed == "bf16") and not trainer.engine.fp16_enabled()
     assert trainer.engine.zero_optimization_stage() == 1
     trainer.train()
     assert len(read_log(tmp_path / "out")) == 3
-    assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["bf16"]["enabled"] is (mixed == "bf16")
 
 
 class Crash(Exception):
