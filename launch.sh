@@ -4,11 +4,11 @@
 #
 #   bash launch.sh          the demo (no PROJECT_TRAIN_DIR): train a SentencePiece tokenizer of
 #                           PROJECT_DEMO_VOCAB_SIZE (4000) pieces on data/sample/train (once), pretrain
-#                           --architecture roberta-tiny for 500 steps on this machine (in fp32 on a CPU without bf16
-#                           instructions), then fill a <mask> in a Thai and an English sentence. Everything goes to
-#                           runs/demo/ (PROJECT_DEMO_DIR); the PROJECT_* variables below override its values. A second
-#                           run resumes from the last checkpoint, finds the training done, exports and evaluates
-#                           again; delete runs/demo/output to train afresh.
+#                           --architecture roberta-tiny for 500 steps on this machine (bf16 where the CPU has it,
+#                           else fp32: ds_configs/README.md), then fill a <mask> in a Thai and an English sentence.
+#                           Everything goes to runs/demo/ (PROJECT_DEMO_DIR); the PROJECT_* variables below override
+#                           its values. A second run resumes from the last checkpoint, finds the training done,
+#                           exports and evaluates again; delete runs/demo/output to train afresh.
 #   PROJECT_TRAIN_DIR=D PROJECT_TOKENIZER=T PROJECT_OUTPUT_DIR=O bash launch.sh [run_mlm.py flags]     your job
 #
 # Where the job runs:
@@ -160,10 +160,6 @@ if [ "${DS_ACCELERATOR:-}" != cpu ] && command -v nvidia-smi >/dev/null 2>&1 && 
 fi
 if [ "$gpus" = 0 ] && [ -z "${DS_ACCELERATOR:-}" ]; then
   export DS_ACCELERATOR=cpu  # say it, rather than let DeepSpeed guess (and warn) in every process
-fi
-
-if [ "$demo" = 1 ] && [ "$gpus" = 0 ] && ! grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
-  args=(--bf16 false "${args[@]}")  # bf16 without the CPU's bf16 instructions is emulated: ~10x slower than fp32
 fi
 
 if [ -n "${HOSTFILE:-}" ]; then

@@ -59,12 +59,14 @@ def tokenizer_and_data(workdir: Path):
 
 def make_model(tokenizer, seed=0):
     import torch
-    from transformers import RobertaConfig, RobertaForMaskedLM
+    from transformers import RobertaConfig
+
+    from ds_mlm.model import RobertaForMLMPretraining
 
     torch.manual_seed(seed)
     config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=SEQ + 2, type_vocab_size=1,
                            layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2, **MODEL)
-    return RobertaForMaskedLM(config)
+    return RobertaForMLMPretraining(config)  # as the trainer builds it: masked positions projected only
 
 
 def train_args(workdir: Path, *flags):

@@ -1,8 +1,9 @@
 """User-facing errors: one line that says what is wrong and how to fix it, then a non-zero exit.
 
 Anything raised as `UserError` is a mistake the user can fix (a flag, a path, a file); the `cli` wrapper prints it as
-`ds-mlm: error: <message>` and exits with status 2, without a traceback. Every other exception is a bug and keeps
-its traceback.
+`ds-mlm: error: <message>` and exits with status 2, without a traceback. A collective that fails because another
+process of the job died is one line too (status 3): the cause is in that process's log, not in this traceback.
+Every other exception is a bug and keeps its traceback.
 """
 
 import functools
@@ -10,6 +11,9 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3
+# What gloo / NCCL say on a surviving rank when another process of the job died: not this rank's fault, not a bug here
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
 class UserError(Exception):
@@ -20,6 +24,11 @@ def _rank_prefix() -> str:
     # In a multi-process job every rank would print the same line; say which one spoke.
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def cli(main):
@@ -33,6 +42,12 @@ def cli(main):
             message = " ".join(str(e).split("\n"))  # one line, always
             print(f"{_rank_prefix()}ds-mlm: error: {message}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        except RuntimeError as e:  # torch.distributed.DistBackendError is one too
+            if not any(words in str(e) for words in PEER_LOST):
+                raise
+            print(f"{_rank_prefix()}ds-mlm: error: lost contact with another process of the job ({type(e).__name__}: "
+                  f"{_first_line(e)}): it died or was killed; its own log says why", file=sys.stderr, flush=True)
+            sys.exit(EXIT_PEER_LOST)
         except KeyboardInterrupt:
             print(f"{_rank_prefix()}ds-mlm: interrupted", file=sys.stderr, flush=True)
             sys.exit(130)

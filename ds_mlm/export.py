@@ -169,7 +169,9 @@ def export_model(engine, tokenizer, output_dir: str) -> str:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     model_dir = os.path.join(output_dir, MODEL_DIR)
     if rank == 0:
-        fresh = type(engine.module)(engine.module.config).float()
+        from transformers import RobertaForMaskedLM
+
+        fresh = RobertaForMaskedLM(engine.module.config).float()  # the plain HF class: what downstream code loads
         save_model_dir(fresh, tensors, tokenizer, output_dir)
         logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
                                          model_dir, os.path.join(output_dir, TOKENIZER_DIR))

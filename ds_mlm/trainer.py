@@ -20,7 +20,6 @@ import sys
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ds_mlm import checkpoint, distributed
@@ -32,16 +31,11 @@ from ds_mlm.sampler import ResumableDistributedSampler
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # one masking of the eval set for every evaluation of every run: numbers stay comparable
-IGNORE = -100
 
 
 def masked_lm_loss(engine, batch: dict):
-    """(sum of the masked tokens' cross-entropy in fp32, number of masked tokens)."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"]
-    picked = labels != IGNORE
-    loss_sum = F.cross_entropy(logits[picked].float(), labels[picked], reduction="sum")
-    return loss_sum, picked.sum()
+    """(sum of the masked tokens' cross-entropy in fp32, number of masked tokens): model.RobertaForMLMPretraining."""
+    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
 def _float_or_none(value):

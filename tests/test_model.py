@@ -58,3 +58,31 @@ def test_warm_start_gives_the_same_weights(tok, tmp_path):
         build_model(margs(model_dir=str(tmp_path)), tok, 128)
     with pytest.raises(UserError, match="does not exist"):
         build_model(margs(model_dir=str(tmp_path / "nope")), tok, 128)
+
+
+def test_masked_positions_only_give_the_full_logits_loss_and_gradients(tok):
+    """The training forward projects only masked positions: same loss and gradients as HF's full-logits forward."""
+    from ds_mlm.model import RobertaForMLMPretraining
+
+    torch.manual_seed(0)
+    model = build_model(margs(), tok, 64).eval()  # eval: no dropout, so both forwards see the same network
+    assert isinstance(model, RobertaForMLMPretraining)
+    input_ids = torch.randint(5, len(tok), (3, 20))
+    labels = torch.full_like(input_ids, -100)
+    picked = torch.rand(input_ids.shape) < 0.3
+    labels[picked] = input_ids[picked]
+    attention_mask = torch.ones_like(input_ids)
+
+    loss_sum, count = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # no labels: the parent's forward
+    assert logits.shape == (3, 20, len(tok))
+    full = torch.nn.functional.cross_entropy(logits.view(-1, len(tok)), labels.view(-1), reduction="sum")
+    full.backward()
+    assert int(count) == int(picked.sum()) > 0
+    assert float(loss_sum) == pytest.approx(float(full), rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
