@@ -209,16 +209,16 @@ fi
 
 bash "$root/scripts/bootstrap.sh"  # installs what is missing; returns at once when done
 
-if [ "$build_only" = 1 ]; then
-  show "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
-  exec "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
-fi
-
 if [ "$demo" = 1 ] && [ ! -d "$PROJECT_TOKENIZER" ]; then  # trained into a scratch directory, renamed when complete
   rm -rf "$PROJECT_TOKENIZER.partial"
   run "$python" -m ds_mlm.train_tokenizer --type spm --input_dir "$PROJECT_TRAIN_DIR" \
     --vocab_size "${PROJECT_DEMO_VOCAB_SIZE:-4000}" --output_dir "$PROJECT_TOKENIZER.partial"
   mv "$PROJECT_TOKENIZER.partial" "$PROJECT_TOKENIZER"
+fi
+
+if [ "$build_only" = 1 ]; then
+  show "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
+  exec "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
 fi
 
 # The hostfile the launcher reads (ours, or a copy of HOSTFILE: the launcher is lenient where we are strict),

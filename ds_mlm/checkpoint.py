@@ -235,8 +235,15 @@ def load(engine, path: str, dist):
     return state, saved.get("rank_state")
 
 
-def check_compatible(state: dict, path: str, world_size: int, zero_stage: int, train_batch_size: int) -> None:
+def check_compatible(state: dict, path: str, world_size: int, zero_stage: int, train_batch_size: int,
+                     precision: str = None) -> None:
     """A resume must keep the shapes the checkpoint's optimizer partitions and sample order depend on."""
+    fresh = ("resume with the --deepspeed_config and precision flags it was trained with, or start afresh with "
+             "--overwrite_output_dir (python -m ds_mlm.export turns the checkpoint into a model to warm-start from)")
+    if state.get("zero_stage", zero_stage) != zero_stage:
+        raise UserError(f"{path} was saved with ZeRO-{state['zero_stage']}, this run uses ZeRO-{zero_stage}: {fresh}")
+    if precision is not None and state.get("precision", precision) != precision:
+        raise UserError(f"{path} was saved training in {state['precision']}, this run trains in {precision}: {fresh}")
     if state["world_size"] != world_size and zero_stage > 0:
         raise UserError(f"{path} was saved by {state['world_size']} processes with ZeRO-{zero_stage} partitions, this "
                         f"run has {world_size}: resume with {state['world_size']} processes, or start afresh with "

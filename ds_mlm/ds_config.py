@@ -188,6 +188,8 @@ def _resolve_optimizer(config: dict, r: _Resolver) -> None:
     r.resolve("weight_decay", params, "weight_decay", "optimizer.params.weight_decay")
     r.resolve("adam_epsilon", params, "eps", "optimizer.params.eps")
     betas = params.get("betas", AUTO)
+    if betas != AUTO and not isinstance(betas, list):
+        raise UserError(f"{r.path}: optimizer.params.betas must be a list of two numbers (or \"auto\"), got {betas!r}")
     betas = [AUTO, AUTO] if betas == AUTO else list(betas)
     if len(betas) != 2:
         raise UserError(f"{r.path}: optimizer.params.betas must be two numbers, got {params['betas']!r}")
@@ -224,10 +226,15 @@ def _resolve_scheduler(config: dict, r: _Resolver) -> None:
     params = sched.setdefault("params", {}) if isinstance(sched, dict) else None
     if not isinstance(params, dict):
         raise UserError(f"{r.path}: \"scheduler\" must be an object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}")
+    kind = str(sched.get("type", ""))
+    if kind.startswith("Warmup"):  # WarmupLR, WarmupDecayLR, WarmupCosineLR: a missing key is "auto"
+        params.setdefault("warmup_num_steps", AUTO)
+        if kind != "WarmupLR":
+            params.setdefault("total_num_steps", AUTO)
     if "warmup_num_steps" in params:
         r.resolve("warmup_steps", params, "warmup_num_steps", "scheduler.params.warmup_num_steps")
-    if params.get("warmup_max_lr") == AUTO:
-        params["warmup_max_lr"] = config["optimizer"]["params"]["lr"]
+    if params.get("warmup_max_lr") == AUTO or ("learning_rate" in r.given and "warmup_max_lr" in params):
+        params["warmup_max_lr"] = config["optimizer"]["params"]["lr"]  # WarmupLR sets the rate from it
     if params.get("warmup_min_lr") == AUTO:
         params["warmup_min_lr"] = 0.0
     if "total_num_steps" in params and (r.args.max_steps > 0 or params["total_num_steps"] != AUTO):

@@ -18,8 +18,9 @@ def fill_mask(model_dir: str, text: str, top_k: int = 5) -> list[dict]:
     from ds_mlm.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, "auto")
-    if tokenizer.mask_token not in text:
-        raise UserError(f"the text has no {tokenizer.mask_token}: put {tokenizer.mask_token} where a word should be guessed")
+    if text.count(tokenizer.mask_token) != 1:
+        raise UserError(f"the text has {text.count(tokenizer.mask_token)} {tokenizer.mask_token}: put exactly one "
+                        f"{tokenizer.mask_token} where a word should be guessed")
     fill = pipeline("fill-mask", model=model_dir, tokenizer=tokenizer, device="cpu", top_k=top_k)
     return fill(text)
 

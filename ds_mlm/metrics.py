@@ -69,11 +69,12 @@ class Window:
     def state_dict(self) -> dict:
         """This rank's unlogged sums (saved in checkpoints so a resume mid-window logs the same numbers)."""
         return {"loss_sum": self.loss_sum.item(), "micro_batches": self.micro_batches, "tokens": self.tokens,
-                "samples": self.samples}
+                "samples": self.samples, "seconds": time.perf_counter() - self.started}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum.fill_(state["loss_sum"])
         self.micro_batches, self.tokens, self.samples = state["micro_batches"], state["tokens"], state["samples"]
+        self.started = time.perf_counter() - state.get("seconds", 0.0)  # its tokens took that long before the stop
 
     def summary(self) -> dict:
         loss_sum, count, tokens, samples = all_reduce_sum(

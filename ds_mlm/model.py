@@ -11,6 +11,7 @@ import os
 import torch.nn.functional as F
 from transformers import RobertaConfig, RobertaForMaskedLM
 
+from ds_mlm.collator import IGNORE_INDEX
 from ds_mlm.errors import UserError
 
 _COMMON = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, hidden_dropout_prob=0.1,
@@ -21,8 +22,7 @@ PRESETS = {
     "roberta-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
     "roberta-large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
 }
-SPECIAL = ("bos", "pad", "eos")
-IGNORE_INDEX = -100  # the label of an unmasked position (HF's and the collator's convention)
+SPECIAL = ("bos", "pad", "eos")  # the ids a RobertaConfig records; unk and mask are checked against the tokenizer only
 
 
 class RobertaForMLMPretraining(RobertaForMaskedLM):
@@ -43,7 +43,6 @@ class RobertaForMLMPretraining(RobertaForMaskedLM):
         logits = self.lm_head(hidden[picked])
         # fp32 cross-entropy: under bf16/fp16 the logits are low precision, their log-softmax must not be
         return F.cross_entropy(logits.float(), labels[picked], reduction="sum"), picked.sum()
-  # the ids a RobertaConfig records; unk and mask are checked against the tokenizer only
 
 
 def _load_json_config(path: str) -> RobertaConfig:

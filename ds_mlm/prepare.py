@@ -61,11 +61,12 @@ def _signal_key(builder: int, split: str) -> str:
     return f"ds_mlm/dataset/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{builder}/{split}"
 
 
-def _build(spec, path: str, split: str, data_args, dist, store) -> None:
+def _build(spec, path: str, fingerprint: str, split: str, data_args, dist, store) -> None:
     """Build (or reuse) the store, then tell the waiting ranks how it went."""
     try:
         report = ensure_store(spec, path, num_workers=data_args.preprocessing_num_workers,
-                              chunk_size=data_args.tokenize_chunksize, overwrite=data_args.overwrite_cache)
+                              chunk_size=data_args.tokenize_chunksize, overwrite=data_args.overwrite_cache,
+                              fingerprint=fingerprint)
     except BaseException as e:
         if store is not None:
             store.set(_signal_key(dist.rank, split), f"failed: {' '.join(str(e).split()) or type(e).__name__}")
@@ -130,7 +131,7 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
     for split, spec in specs.items():
         path = os.path.join(cache_dir, split)
         if dist.rank == builder:
-            _build(spec, path, split, data_args, dist, store)
+            _build(spec, path, fingerprints[split], split, data_args, dist, store)
             datasets[split] = open_store(path, expect_fingerprint=fingerprints[split])
         else:
             datasets[split] = _wait(path, fingerprints[split], split, builder, dist, store)

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     model_args, data_args, train_args = parse_args(argv)
 
     # A build-only run in a world of one never pays for DeepSpeed; every other run joins the process group first.
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    single = distributed.env_info().world_size == 1  # mpirun/srun name their world with their own variables
     dist = distributed.env_info() if (data_args.build_dataset_only and single) else distributed.init()
     setup_logging(dist.rank)
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     trainer.train()
     export_model(trainer.engine, tokenizer, train_args.output_dir)
     if eval_ds is not None:
-        metrics = trainer.evaluate()
+        metrics = trainer.final_evaluation()
         log.info("final evaluation: %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 

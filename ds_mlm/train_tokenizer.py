@@ -75,7 +75,7 @@ class TrainTokenizerArguments:
         if self.num_workers < 0 or self.input_sentence_size < 0:
             raise UserError("--num_workers and --input_sentence_size must be 0 or more")
         self.files = list_text_files(self.input_dir, self.ext, "--input_dir")  # no corpus: fail before anything is written
-        self.num_workers = self.num_workers or os.cpu_count() or 1
+        self.num_workers = self.num_workers or len(os.sched_getaffinity(0))  # as the dataset build counts them
 
 
 def read_blocks(files: list[str]) -> Iterator[list[str]]:
@@ -85,10 +85,13 @@ def read_blocks(files: list[str]) -> Iterator[list[str]]:
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=sys.stderr) as bar:
         for path in files:
             reader = LineReader(path, read_bytes=BLOCK_BYTES)
-            for lines, size in reader:
-                bar.update(size)
-                if lines:
-                    yield lines
+            try:
+                for lines, size in reader:
+                    bar.update(size)
+                    if lines:
+                        yield lines
+            except OSError as e:
+                raise UserError(f"{path}: cannot read it ({e.strerror}): check the file and its permissions") from None
             stats += reader.stats
     print(f"read {stats.lines} lines of {stats.files} file(s): dropped {stats.blank_lines} blank lines, removed "
           f"{stats.boms} byte-order marks, replaced {stats.replaced} invalid UTF-8 sequences, cut "

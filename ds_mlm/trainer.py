@@ -68,8 +68,10 @@ class Trainer:
         else:
             self.max_steps = max(math.ceil(args.num_train_epochs * self.sampler.micro_batches_per_epoch / self.grad_acc), 1)
 
-        self.resume_path = checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint,
-                                                     args.overwrite_output_dir)
+        # rank 0 decides and tells the others: nodes may see a shared directory's pointer at different moments
+        mine = (checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+                if dist.rank == 0 else None)
+        self.resume_path = distributed.all_gather_object(mine)[0]
         if args.overwrite_output_dir and not args.resume_from_checkpoint and dist.rank == 0:
             checkpoint.clear_for_overwrite(args.output_dir)
 
@@ -90,6 +92,7 @@ class Trainer:
                                                config=ds_config, lr_scheduler=lr_scheduler)
         self.global_step = 0
         self.writer = None
+        self._last_eval = None  # (step, metrics) of the loop's latest evaluation
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
 
@@ -136,7 +139,8 @@ class Trainer:
         path = self.resume_path
         with open(os.path.join(path, checkpoint.STATE_FILE), encoding="utf-8") as f:
             saved = json.load(f)
-        checkpoint.check_compatible(saved, path, self.dist.world_size, self.zero_stage, self.global_batch)
+        checkpoint.check_compatible(saved, path, self.dist.world_size, self.zero_stage, self.global_batch,
+                                    precision(self.ds_config))
         state, rank_state = checkpoint.load(self.engine, path, self.dist)
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = state["global_step"]
@@ -185,6 +189,7 @@ class Trainer:
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()
+        self._last_eval = (self.global_step, metrics)
         if metrics:
             record = {"step": self.global_step, **metrics}
             self.writer.write(record)
@@ -240,6 +245,12 @@ class Trainer:
                 self._save(window)  # the last step is always saved: a rerun finds the training done
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def final_evaluation(self) -> dict:
+        """The metrics at the last step: the loop's own evaluation of that step, or a new one."""
+        if self._last_eval is not None and self._last_eval[0] == self.global_step:
+            return self._last_eval[1]
+        return self.evaluate()
 
     @torch.no_grad()
     def evaluate(self) -> dict:

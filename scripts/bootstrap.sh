@@ -9,7 +9,7 @@ stamp="$venv/.ds-mlm-installed"
 torch_version=${DS_MLM_TORCH_VERSION:-2.13.0}
 
 if [ -f "$stamp" ] && [ "$stamp" -nt "$root/setup.py" ] \
-   && "$venv/bin/python" -c "import ds_mlm, torch, deepspeed" 2>/dev/null; then
+   && "$venv/bin/python" -c "import ds_mlm, torch, deepspeed" >/dev/null 2>&1; then  # quiet: DeepSpeed prints on import
   exit 0
 fi
 echo "bootstrap: installing ds-mlm into $venv (first run only)" >&2

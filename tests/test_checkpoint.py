@@ -133,3 +133,13 @@ def test_resume_refuses_another_partitioning(tmp_path):
         checkpoint.check_compatible(state, "ck", world_size=1, zero_stage=2, train_batch_size=16)
     checkpoint.check_compatible(state, "ck", world_size=1, zero_stage=0, train_batch_size=8)  # ZeRO-0: no partitions
     checkpoint.check_compatible(state, "ck", world_size=2, zero_stage=2, train_batch_size=16)
+
+
+def test_resume_under_another_zero_stage_or_precision_is_refused():
+    state = {"world_size": 1, "train_batch_size": 8, "zero_stage": 2, "precision": "fp32"}
+    with pytest.raises(UserError, match="ck was saved with ZeRO-2, this run uses ZeRO-0: resume with the "
+                                        "--deepspeed_config"):
+        checkpoint.check_compatible(state, "ck", world_size=1, zero_stage=0, train_batch_size=8, precision="fp32")
+    with pytest.raises(UserError, match="ck was saved training in fp32, this run trains in bf16"):
+        checkpoint.check_compatible(state, "ck", world_size=1, zero_stage=2, train_batch_size=8, precision="bf16")
+    checkpoint.check_compatible(state, "ck", world_size=1, zero_stage=2, train_batch_size=8, precision="fp32")

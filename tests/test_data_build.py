@@ -258,3 +258,18 @@ def test_kill_9_at_random_moments_never_leaves_a_store_that_looks_complete(tmp_p
     assert ensure_store(specs[0], path) is not None or seen["complete"]
     assert store_bytes(path) == reference[specs[0].fingerprint()]
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name or ".old-" in name]
+
+
+def _die_in_the_worker(*args):
+    os._exit(9)  # as the OOM killer would end it
+
+
+def test_a_worker_that_dies_ends_the_build_with_one_line(tmp_path, tokenizer, small_corpus, monkeypatch):
+    import ds_mlm.data.build as build
+
+    monkeypatch.setattr(build, "_tokenize", _die_in_the_worker)  # forked workers inherit the patch
+    spec = DatasetSpec(list_text_files(str(small_corpus[0]), "txt"), tokenizer, 64)
+    with pytest.raises(UserError, match="a tokenizer process died while building .*: lower "
+                                        "--preprocessing_num_workers or --tokenize_chunksize"):
+        ensure_store(spec, str(tmp_path / "train"), num_workers=2)
+    assert sorted(os.listdir(tmp_path)) == []  # nothing kept, not even the temporary directory

@@ -208,3 +208,20 @@ def test_param_groups_spare_biases_and_layernorm_from_weight_decay():
     assert all(p.dim() == 2 for p in decay["params"])  # the matrices and embeddings, nothing else
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
     assert any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+
+
+def test_a_json_scheduler_without_warmup_keys_follows_the_flags(tmp_path):
+    path = write_json(tmp_path, {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3}}})
+    config = resolve_ds_config(targs(tmp_path, "--deepspeed_config", path, "--warmup_steps", "7", "--max_steps", "50",
+                                     "--learning_rate", "3e-4"), world_size=1)
+    assert config["scheduler"]["params"] == {"warmup_max_lr": 3e-4, "warmup_num_steps": 7, "total_num_steps": 50}
+    warmup_only = write_json(tmp_path, {"scheduler": {"type": "WarmupLR", "params": {}}}, name="w.json")
+    params = resolve_ds_config(targs(tmp_path, "--deepspeed_config", warmup_only, "--warmup_steps", "3"), 1)[
+        "scheduler"]["params"]
+    assert params == {"warmup_num_steps": 3}  # WarmupLR takes no total_num_steps
+
+
+def test_malformed_betas_are_one_line(tmp_path):
+    path = write_json(tmp_path, {"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}})
+    with pytest.raises(UserError, match="optimizer.params.betas must be a list of two numbers"):
+        resolve_ds_config(targs(tmp_path, "--deepspeed_config", path), world_size=1)

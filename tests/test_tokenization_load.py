@@ -3,6 +3,7 @@ saved directory loading without ds-mlm (trust_remote_code) or any network."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +151,12 @@ def test_a_saved_directory_loads_without_ds_mlm_and_without_network(tmp_path):
     assert [module.split(".")[0] for module, _ in results] == ["transformers_modules"] * 3
     assert [ids for _, ids in results] == want
     assert not any(data_dir.iterdir())  # nothing was downloaded into PyThaiNLP's data directory
+
+
+def test_a_damaged_vocabulary_is_a_one_line_error(newmm_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(newmm_dir, broken)
+    (broken / "newmm.json").write_text('{"<s>": 0, "<pad', encoding="utf-8")  # cut off mid-write
+    with pytest.raises(UserError, match="cannot load ThaiWordsNewmmTokenizer from .*broken.*: the tokenizer files "
+                                        "are missing or damaged"):
+        load_tokenizer(str(broken), "newmm")

@@ -16,6 +16,8 @@ import collections
 import itertools
 import logging
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import sys
 import time
@@ -143,19 +145,27 @@ def build_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None,
                     desc=f"tokenizing {os.path.basename(path)}", mininterval=1.0)
     _TOKENIZER = tokenizer
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool, \
+        # An executor, not a Pool: a worker that dies (the OOM killer) breaks it, where a Pool would wait forever
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_init_worker) as pool, \
                 StoreWriter(path, dtype, fingerprint or spec.fingerprint()) as writer:
             in_flight = collections.deque()
 
             def write_oldest():
                 result, nbytes = in_flight.popleft()
-                writer.append(*packer.feed(*result.get()))
+                try:
+                    ids = result.result()
+                except BrokenProcessPool:
+                    raise UserError(f"a tokenizer process died while building {path} (killed, or out of memory?): "
+                                    "lower --preprocessing_num_workers or --tokenize_chunksize and run again; "
+                                    "nothing was kept") from None
+                writer.append(*packer.feed(*ids))
                 progress.update(nbytes)
                 progress.set_postfix_str(f"{packer.stats.tokens / (time.perf_counter() - started):,.0f} tokens/s",
                                          refresh=False)
 
             for lines, nbytes in _chunks(spec.files, chunk_size, read):
-                in_flight.append((pool.apply_async(_tokenize, (lines, len(tokenizer), dtype)), nbytes))
+                in_flight.append((pool.submit(_tokenize, lines, len(tokenizer), dtype), nbytes))
                 if len(in_flight) >= 2 * workers + 2:
                     write_oldest()
             while in_flight:
@@ -181,14 +191,17 @@ def _describe(files: List[str]) -> str:
 
 
 def ensure_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None, chunk_size: int = 2500,
-                 overwrite: bool = False) -> Optional[BuildReport]:
-    """Build the store at `path` when it is missing, stale or `overwrite`; None when the existing one matched."""
+                 overwrite: bool = False, fingerprint: Optional[str] = None) -> Optional[BuildReport]:
+    """Build the store at `path` when it is missing, stale or `overwrite`; None when the existing one matched.
+
+    `fingerprint`: spec.fingerprint() when the caller has it already (hashing the inputs twice costs time, and a file
+    changing in between would give the store another fingerprint than the caller checks for)."""
     if chunk_size < 1:
         raise UserError(f"chunk size {chunk_size} must be at least 1 line (--tokenize_chunksize)")
     if num_workers is not None and num_workers < 1:
         raise UserError(f"{num_workers} workers: use at least 1 (--preprocessing_num_workers)")
     remove_dead_leftovers(path)
-    fingerprint = spec.fingerprint()
+    fingerprint = fingerprint or spec.fingerprint()
     if overwrite:
         log.info("%s: rebuilding the token store (overwrite asked)", path)
     else:

@@ -85,6 +85,13 @@ def special_ids(tokenizer):
 
 def file_fingerprint(path: str) -> dict:
     """Path, size, mtime_ns and a content hash (whole file or windows: see WHOLE_FILE_HASH_BYTES)."""
+    try:
+        return _file_fingerprint(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}): check the file and its permissions") from None
+
+
+def _file_fingerprint(path: str) -> dict:
     st = os.stat(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:

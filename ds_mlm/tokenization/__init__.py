@@ -123,7 +123,12 @@ def load_tokenizer(path, tokenizer_type: str = "auto", add_space_token: bool = F
                         f"{_describe(path)}: {fits}")
     if cls is not None:
         extra = {"add_space_token": True} if add_space_token else {}
-        return cls.from_pretrained(path, local_files_only=True, **extra)
+        try:
+            return cls.from_pretrained(path, local_files_only=True, **extra)
+        except (OSError, ValueError, TypeError, KeyError) as e:  # a missing or damaged vocabulary file
+            raise UserError(f"cannot load {cls.__name__} from {path} ({_describe(path)}; {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): the tokenizer files are missing or "
+                            "damaged; train the tokenizer again (ds-mlm-train-tokenizer)") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=use_fast, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
