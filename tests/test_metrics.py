@@ -21,12 +21,16 @@ def test_window_means_and_restores():
     for loss in (2.0, 4.0, 6.0):
         w.add(torch.tensor(loss), tokens=100, samples=2)
     saved = w.state_dict()
-    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6}
+    seconds = saved.pop("seconds")
+    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6} and seconds >= 0
     other = Window(torch.device("cpu"))
-    other.load_state_dict(saved)
+    other.load_state_dict({**saved, "seconds": 1000.0})  # the window had run 1000 s before the stop
     summary = other.summary()
-    assert summary["loss"] == 4.0 and summary["tokens_per_s"] > 0 and summary["samples_per_s"] > 0
-    assert other.state_dict() == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0}  # reset
+    assert summary["loss"] == 4.0
+    assert 0.29 < summary["tokens_per_s"] <= 0.3 and 0.0059 < summary["samples_per_s"] <= 0.006  # 300 / 1000 s
+    after = other.state_dict()
+    assert after.pop("seconds") < 1.0  # reset: a new window starts now
+    assert after == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0}
 
 
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
