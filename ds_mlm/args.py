@@ -58,6 +58,7 @@ class DataArguments:
     mlm_probability: float = arg(0.15, "Share of tokens to mask.")
     datasets_cache_dir: Optional[str] = arg(None, "Where the tokenized token stores live (train/ and validation/). Default: {output_dir}/datasets_cache.")
     datasets_type: str = arg("MemmapConcatFullSentenceTextDataset", f"How lines become samples: {' or '.join(DATASET_TYPES)}.")
+    whole_word_mask: bool = arg(False, "Mask whole words (a word-start token and the pieces after it) instead of single tokens.")
     long_sentence: str = arg("split", "A line longer than one block: split (keep every token), skip (the ancestor), or truncate.")
     overwrite_cache: bool = arg(False, "Rebuild the token stores even if they match the inputs.")
     tokenize_chunksize: int = arg(2500, "Lines per tokenization chunk (memory use of the build scales with this).")

@@ -39,10 +39,6 @@ class DistInfo:
     """Number of processes on this node."""
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def first_rank_on_node(self) -> int:
         return self.rank - self.local_rank  # launchers number the processes of a node contiguously
 

@@ -58,10 +58,9 @@ class Trainer:
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.sampler = ResumableDistributedSampler(len(train_dataset), self.micro, dist.rank, dist.world_size,
                                                    args.seed)
-        self.collator = MLMCollator.from_tokenizer(tokenizer, mlm_probability=data_args.mlm_probability,
-                                                   seed=args.seed)
-        self.eval_collator = MLMCollator.from_tokenizer(tokenizer, mlm_probability=data_args.mlm_probability,
-                                                        seed=EVAL_SEED)
+        masking = dict(mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask)
+        self.collator = MLMCollator.from_tokenizer(tokenizer, seed=args.seed, **masking)
+        self.eval_collator = MLMCollator.from_tokenizer(tokenizer, seed=EVAL_SEED, **masking)
         self.steps_per_epoch = max(self.sampler.micro_batches_per_epoch // self.grad_acc, 1)
         if args.max_steps > 0:
             self.max_steps = args.max_steps

@@ -280,3 +280,12 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
     assert shm_files() == shm_before  # no DeepSpeed all-reduce buffers left in /dev/shm
+
+
+def test_whole_word_mask_flag_reaches_both_collators(tmp_path, data, world_of_one):
+    plain = make_trainer(tmp_path / "a", data, world_of_one, "--max_steps", "1", eval_set=False)
+    whole = make_trainer(tmp_path / "b", data, world_of_one, "--max_steps", "1", "--whole_word_mask", eval_set=False)
+    assert plain.collator.word_start is None and plain.eval_collator.word_start is None
+    starts = whole.collator.word_start
+    assert starts is not None and whole.eval_collator.word_start is not None
+    assert 0 < starts.sum() < len(starts)  # byte-level BPE: the Ġ pieces start words, the others continue them
