@@ -123,7 +123,9 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
              for split, flag, directory in splits}
     preflight.writable_dir(cache_dir, "--datasets_cache_dir")  # a real write: its error says why
 
-    fingerprints = {split: spec.fingerprint() for split, spec in specs.items()}
+    # Hashing the inputs reads them: once per node (its first rank), not once per process.
+    mine = {split: spec.fingerprint() for split, spec in specs.items()} if dist.local_rank == 0 else None
+    fingerprints = distributed.all_gather_object(mine)[dist.first_rank_on_node]
     check_same_inputs(fingerprints, dist)
     builder = builder_rank(cache_dir, dist, data_args.cache_scope)
     store = distributed.job_store()
