@@ -114,6 +114,9 @@ def _enabled(block) -> bool:
     return isinstance(block, dict) and block.get("enabled") is True
 
 
+_EMULATED = "emulated without AVX512-BF16 or AMX, 10-40x slower than fp32"
+
+
 def _resolve_precision(config: dict, r: _Resolver) -> None:
     """fp16/bf16 as one choice: a given --fp16 turns bf16 off and vice versa; then fall back to what the device can do."""
     for name, other in (("fp16", "bf16"), ("bf16", "fp16")):
@@ -146,9 +149,6 @@ def _resolve_precision(config: dict, r: _Resolver) -> None:
         if speak:
             log.warning("bf16 is %s on this %s: training in fp32", _EMULATED if device == "cpu" else "not supported",
                         device)
-
-
-_EMULATED = "emulated without AVX512-BF16 or AMX, 10-40x slower than fp32"
 
 
 def bf16_native(acc) -> bool:
