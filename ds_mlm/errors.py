@@ -8,6 +8,7 @@ Every other exception is a bug and keeps its traceback.
 
 import functools
 import os
+import signal
 import sys
 
 EXIT_USER_ERROR = 2
@@ -18,6 +19,26 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 class UserError(Exception):
     """A mistake in the user's input; the message says what is wrong and how to fix it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the main thread: unwind (every `finally` runs: workers stopped, temp files removed),
+    then exit with 128 + the signal's number. A BaseException, so no `except Exception` swallows it. (The training
+    loop replaces this with save-on-signal while it runs.)"""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGHUP raise Terminated in the main thread (SIGINT raises KeyboardInterrupt already)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
 
 
 def _rank_prefix() -> str:
@@ -36,6 +57,7 @@ def cli(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        install_stop_handlers()
         try:
             code = main(argv)
         except UserError as e:
@@ -50,7 +72,10 @@ def cli(main):
             sys.exit(EXIT_PEER_LOST)
         except KeyboardInterrupt:
             print(f"{_rank_prefix()}ds-mlm: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
+            sys.exit(128 + signal.SIGINT)
+        except Terminated as e:
+            print(f"{_rank_prefix()}ds-mlm: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)
         sys.exit(code or 0)
 
     return wrapper
