@@ -112,6 +112,7 @@ class TrainingArguments:
     save_steps: int = arg(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: Optional[int] = arg(None, "Keep at most N checkpoints (the newest complete one is never deleted).")
     resume_from_checkpoint: Optional[str] = arg(None, "Checkpoint directory to resume from (default: the newest complete one in --output_dir).")
+    save_on_signal: bool = arg(True, "On SIGTERM, SIGINT or SIGUSR1 finish the step, save a checkpoint and exit with status 75 (false: exit at once).")
     logging_steps: int = arg(500, "Log loss, learning rate, grad norm and throughput every N optimizer steps.")
     logging_dir: Optional[str] = arg(None, "TensorBoard directory (default: {output_dir}/runs).")
     evaluation_strategy: str = arg("no", f"When to evaluate: {', '.join(EVAL_STRATEGIES)}.")

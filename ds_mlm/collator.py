@@ -32,7 +32,7 @@ _SELECT, _REPLACE, _RANDOM = np.uint64(1), np.uint64(2), np.uint64(3)  # one has
 _UNIT = float(1 << 53)  # a decision compares a hash's top 53 bits with probability * 2**53
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sample_keys(seed, epoch, indices):
     """One 64-bit key per sample from (seed, epoch, sample index)."""
     keys = np.empty(indices.size, dtype=np.uint64)
@@ -42,7 +42,7 @@ def _sample_keys(seed, epoch, indices):
     return keys
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the loader thread masks while the training thread computes
 def _mask_kernel(flat, offsets, keys, is_special, word_start, regular, mask_id, select_below, replace_below,
                  random_below, input_ids, attention_mask, labels):
     """Copy sample b (flat[offsets[b]:offsets[b+1]]) into row b of the outputs, pre-filled as padding, and mask it."""

@@ -29,6 +29,9 @@ SCHEDULERS = {  # name: (rank, world size, local rank, local world size) variabl
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process stands in the job, and the job's collectives (each a no-op in a world without a process
+    group). It is the one distributed helper: passed to whatever needs to talk to the other ranks."""
+
     rank: int
     """Global rank of this process."""
     world_size: int
@@ -45,6 +48,39 @@ class DistInfo:
     @property
     def node_rank(self) -> int:
         return self.rank // max(self.local_world_size, 1)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes shared files and tells the story."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        return all_gather_object(obj)
+
+    def all_reduce(self, tensor, op: str = "sum"):
+        """In place, over every rank (`op`: sum or max); returns the tensor."""
+        if initialized():
+            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+            torch.distributed.all_reduce(tensor, op=ops[op])
+        return tensor
+
+    def decide(self, fn, *args, **kwargs):
+        """Run `fn` on rank 0 only and give its result to every rank; a UserError it raises is raised on every rank
+        (so a refusal is one line from each process, not rank 0's line and the others' lost-peer errors)."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except UserError as e:
+                outcome = ("error", str(e))
+        kind, value = all_gather_object(outcome)[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
 
 
 def _slurm_tasks_on_this_node() -> int:
@@ -124,12 +160,32 @@ def init() -> DistInfo:
     # /dev/shm under the launcher (shared/notes/deepspeed-on-cpu.md): training never needs it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        except RuntimeError as e:  # torch's DistNetworkError is one
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                raise UserError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is "
+                                f"already in use (another job, or one that has not finished exiting): give another "
+                                f"port, e.g. MASTER_PORT={_free_port()} (launcher: --master_port)") from None
+            raise
     return env_info()
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done: a process that exits with it alive can die in C++
+    ("terminate called without an active exception") after its work is complete."""
+    if initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def initialized() -> bool:
+    """Is there a process group to talk to?"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         torch.distributed.barrier()
 
 
@@ -137,14 +193,14 @@ def job_store():
     """The job's key-value store (the rendezvous store every rank is connected to), or None without a process group.
 
     It lives in rank 0's process (in the launcher's agent under torchrun): when that dies, every call on it fails."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not initialized():
         return None
     return torch.distributed.distributed_c10d._get_default_store()  # no public accessor in torch 2.13
 
 
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order (just `[obj]` without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not initialized():
         return [obj]
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)

@@ -6,8 +6,9 @@ The precedence rule (also in ds_configs/README.md), for every setting that is bo
     2. otherwise a JSON value of "auto" (or a missing key) takes the flag's default;
     3. otherwise the JSON value stands.
 
-Each time a given flag replaces a different value written in the JSON, one log line says so. The effective values
-are written back into `TrainingArguments`, so the rest of the run (model seed, step count, schedule) sees one truth.
+Each time a given flag replaces a different value written in the JSON, one log line says so. The result is the JSON
+the flags have spoken into; `plan.make_plan` reads the run's effective settings from it (nothing is written back
+into the arguments) and adds what depends on the device (precision.py) and on the data (the step count).
 Flag -> JSON key:
 
     --per_device_train_batch_size  train_micro_batch_size_per_gpu     --max_grad_norm  gradient_clipping
@@ -19,15 +20,16 @@ Flag -> JSON key:
 
 `train_batch_size` has no flag: "auto" (or missing) means micro x grad_acc x world; any other value must equal that
 product. The scheduler keys only matter when the JSON has a `scheduler` block; without one (the shipped configs)
-ds-mlm builds HF's schedule from `--lr_scheduler_type`, `--warmup_steps` and the step count (see trainer.py).
+ds-mlm builds HF's schedule from `--lr_scheduler_type`, `--warmup_steps` and the step count (optim.py).
 
-Precision: where the accelerator cannot do fp16 (most CPUs), fp16 becomes bf16, and where it cannot do bf16 at speed
-either (a CPU without AVX512-BF16 or AMX emulates it), fp32, each with a one-line warning; bf16 asked for on such a
-device also runs in fp32. On a CPU accelerator the AdamW is `torch.optim.AdamW` (`"torch_adam": true`)
-unless the JSON says otherwise: DeepSpeed's FusedAdam JIT-compiles for ~50 s there and its resume is not bit-exact.
+What DeepSpeed would only reject deep inside `deepspeed.initialize` (or accept and ignore) is checked here, as one
+line: an optimizer or scheduler type it does not know, one that has no CPU kernel on a CPU, a learning rate <= 0,
+an inconsistent batch; a top-level key it does not know (a typo such as `trian_batch_size`) is a warning naming the
+closest valid key.
 """
 
 import copy
+import difflib
 import json
 import logging
 import os
@@ -110,15 +112,8 @@ def _positive_int(value, label: str, path: str) -> int:
     return value
 
 
-def _enabled(block) -> bool:
-    return isinstance(block, dict) and block.get("enabled") is True
-
-
-_EMULATED = "emulated without AVX512-BF16 or AMX, 10-40x slower than fp32"
-
-
 def _resolve_precision(config: dict, r: _Resolver) -> None:
-    """fp16/bf16 as one choice: a given --fp16 turns bf16 off and vice versa; then fall back to what the device can do."""
+    """fp16/bf16 as one choice: a given --fp16 turns bf16 off and vice versa (the device's say comes later: precision.py)."""
     for name, other in (("fp16", "bf16"), ("bf16", "fp16")):
         block = config.setdefault(name, {})
         if not isinstance(block, dict):
@@ -132,34 +127,10 @@ def _resolve_precision(config: dict, r: _Resolver) -> None:
     if config["fp16"]["enabled"] and config["bf16"]["enabled"]:
         raise UserError(f"{r.path} enables both fp16 and bf16: enable one of them (or pass --fp16 or --bf16)")
 
-    from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
-    device, native_bf16 = acc.device_name(), bf16_native(acc)
-    speak = int(os.environ.get("RANK", "0")) == 0  # one warning per job, not one per rank
-    if config["fp16"]["enabled"] and not acc.is_fp16_supported():
-        config["fp16"]["enabled"] = False
-        config["bf16"]["enabled"] = native_bf16
-        if speak:
-            log.warning("fp16 is not supported on this %s: training in %s instead%s", device,
-                        "bf16" if native_bf16 else "fp32", " (pass --bf16 to say so)" if native_bf16 else
-                        f" ({_EMULATED})" if device == "cpu" else " (nor is bf16)")
-    if config["bf16"]["enabled"] and not native_bf16:
-        config["bf16"]["enabled"] = False
-        if speak:
-            log.warning("bf16 is %s on this %s: training in fp32", _EMULATED if device == "cpu" else "not supported",
-                        device)
-
-
-def bf16_native(acc) -> bool:
-    """Does the device compute bf16 at speed? DeepSpeed's CPU accelerator says yes on any CPU, but without
-    AVX512-BF16 or AMX PyTorch emulates it (a 2048x128 by 128x8000 matmul with its backward: 0.16 s in fp32, 6.0 s in
-    bf16 on an AVX2-only EPYC); oneDNN's own check tells the two apart."""
-    if acc.device_name() == "cpu":
-        import torch
-
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(acc.is_bf16_supported())
+def requested_precision(config: dict) -> str:
+    """The precision the JSON and flags ask for (before the device has its say)."""
+    return "fp16" if config["fp16"]["enabled"] else "bf16" if config["bf16"]["enabled"] else "fp32"
 
 
 def _resolve_zero(config: dict, path: str) -> int:
@@ -175,15 +146,58 @@ def _resolve_zero(config: dict, path: str) -> int:
     return stage
 
 
-def _resolve_optimizer(config: dict, r: _Resolver) -> None:
+# DeepSpeed's own optimizer names (deepspeed/runtime/config.py); any torch.optim class name works too.
+DEEPSPEED_OPTIMIZERS = ("adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion",
+                        "muon", "muadam", "muadamw", "musgd")
+NO_CPU_KERNEL = ("lamb", "lion", "onebitadam", "zerooneadam", "onebitlamb")  # "not been implemented on CPU backend"
+SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+# DeepSpeed's top-level keys (its config reference), and ds-mlm's "seed": anything else is probably a typo.
+KNOWN_KEYS = frozenset((
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "flops_profiler",
+    "activation_checkpointing", "sparse_attention", "tensorboard", "wandb", "csv_monitor", "comet", "elasticity",
+    "communication_data_type", "seq_parallel_communication_data_type", "data_types", "checkpoint", "aio",
+    "autotuning", "compression_training", "data_efficiency", "curriculum_learning", "quantize_training",
+    "weight_quantization", "pipeline", "progressive_layer_drop", "hybrid_engine", "compile", "eigenvalue",
+    "dataloader_drop_last", "disable_allgather", "gradient_allreduce_op", "managed_gradient_accumulation",
+    "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism", "vocabulary_size",
+    "timers", "graph_harvesting", "nebula", "mics_shard_size", "mics_hierarchical_params_gather", "seed"))
+
+
+def _check_keys(config: dict, path: str) -> None:
+    for key in sorted(set(config) - KNOWN_KEYS):
+        close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
+        log.warning("ds_config: %s: unknown key \"%s\" is ignored%s", path, key,
+                    f" (did you mean \"{close[0]}\"?)" if close else "")
+
+
+def _check_optimizer_type(kind: str, path: str, device: str) -> None:
+    import torch
+
+    name = kind.lower()
+    if name not in DEEPSPEED_OPTIMIZERS and not isinstance(getattr(torch.optim, kind, None), type):
+        raise UserError(f"{path}: unknown optimizer type {kind!r}: use AdamW (or another DeepSpeed optimizer, or "
+                        "a torch.optim class name)")
+    if device == "cpu" and name in NO_CPU_KERNEL:
+        raise UserError(f"{path}: optimizer {kind} has no CPU kernel in DeepSpeed (it needs a GPU): use \"type\": "
+                        "\"AdamW\" on a CPU")
+
+
+def _resolve_optimizer(config: dict, r: _Resolver, device: str) -> None:
     opt = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if not isinstance(opt, dict) or not isinstance(opt.get("params", {}), dict):
         raise UserError(f"{r.path}: \"optimizer\" must be an object like {{\"type\": \"AdamW\", \"params\": {{...}}}}")
-    opt.setdefault("type", "AdamW")
+    kind = str(opt.setdefault("type", "AdamW"))
+    _check_optimizer_type(kind, r.path, device)
     params = opt.setdefault("params", {})
-    r.resolve("learning_rate", params, "lr", "optimizer.params.lr")
-    if str(opt["type"]).lower() not in ("adam", "adamw"):
-        log.info("ds_config: optimizer %s: --weight_decay/--adam_* apply to Adam/AdamW only", opt["type"])
+    lr = r.resolve("learning_rate", params, "lr", "optimizer.params.lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise UserError(f"{r.path}: optimizer.params.lr is {lr!r}: the learning rate must be a positive number "
+                        "(or \"auto\": --learning_rate)")
+    if kind.lower() not in ("adam", "adamw"):
+        log.info("ds_config: optimizer %s: --weight_decay/--adam_* apply to Adam/AdamW only", kind)
         return
     r.resolve("weight_decay", params, "weight_decay", "optimizer.params.weight_decay")
     r.resolve("adam_epsilon", params, "eps", "optimizer.params.eps")
@@ -196,11 +210,6 @@ def _resolve_optimizer(config: dict, r: _Resolver) -> None:
     r.resolve("adam_beta1", betas, 0, "optimizer.params.betas[0]")
     r.resolve("adam_beta2", betas, 1, "optimizer.params.betas[1]")
     params["betas"] = betas
-
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":  # FusedAdam: 50 s JIT compile, resume not bit-exact (notes)
-        params.setdefault("torch_adam", True)
 
 
 def _resolve_batch(config: dict, r: _Resolver, world_size: int) -> None:
@@ -227,6 +236,9 @@ def _resolve_scheduler(config: dict, r: _Resolver) -> None:
     if not isinstance(params, dict):
         raise UserError(f"{r.path}: \"scheduler\" must be an object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}")
     kind = str(sched.get("type", ""))
+    if kind not in SCHEDULERS:
+        raise UserError(f"{r.path}: unknown scheduler type {kind!r}: use one of {', '.join(SCHEDULERS)}, or drop the "
+                        "\"scheduler\" block for HF's schedules (--lr_scheduler_type)")
     if kind.startswith("Warmup"):  # WarmupLR, WarmupDecayLR, WarmupCosineLR: a missing key is "auto"
         params.setdefault("warmup_num_steps", AUTO)
         if kind != "WarmupLR":
@@ -239,101 +251,37 @@ def _resolve_scheduler(config: dict, r: _Resolver) -> None:
         params["warmup_min_lr"] = 0.0
     if "total_num_steps" in params and (r.args.max_steps > 0 or params["total_num_steps"] != AUTO):
         r.resolve("max_steps", params, "total_num_steps", "scheduler.params.total_num_steps")
-    # total_num_steps "auto" without --max_steps is filled by the trainer, which knows the epoch length
+    # total_num_steps "auto" without --max_steps is filled by the run plan, which knows the epoch length
 
 
-def _write_back(config: dict, args) -> None:
-    """The effective values, so that every later reader of `args` agrees with what DeepSpeed runs."""
-    args.per_device_train_batch_size = config["train_micro_batch_size_per_gpu"]
-    args.gradient_accumulation_steps = config["gradient_accumulation_steps"]
-    args.max_grad_norm = config["gradient_clipping"]
-    args.fp16, args.bf16 = config["fp16"]["enabled"], config["bf16"]["enabled"]
-    args.seed = config["seed"]
-    params = config["optimizer"]["params"]
-    args.learning_rate = params["lr"]
-    if "betas" in params:
-        args.weight_decay, args.adam_epsilon = params["weight_decay"], params["eps"]
-        args.adam_beta1, args.adam_beta2 = params["betas"]
-    sched = config.get("scheduler", {}).get("params", {})
-    if isinstance(sched.get("warmup_num_steps"), int):
-        args.warmup_steps = sched["warmup_num_steps"]
-    if isinstance(sched.get("total_num_steps"), int):
-        args.max_steps = sched["total_num_steps"]
-
-
-def _leftover_auto(node, where=""):
+def leftover_auto(node, where=""):
+    """The first key still "auto" in a config, or None."""
     if node == AUTO:
         return where
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
-        found = _leftover_auto(value, f"{where}.{key}" if where else str(key))
+        found = leftover_auto(value, f"{where}.{key}" if where else str(key))
         if found:
             return found
     return None
 
 
-def resolve_ds_config(args, world_size: int) -> dict:
-    """The config DeepSpeed will run with: the JSON of `--deepspeed_config` with the flags applied by the rule.
-
-    Also writes the effective values back into `args` (call it before seeding and building the model).
-    """
+def resolve_ds_config(args, world_size: int, device: str = "cpu") -> dict:
+    """The `--deepspeed_config` JSON with the flags applied by the rule; `args` is read, never written."""
     path = find_config(args.deepspeed_config)
     config = copy.deepcopy(load_json(path))
+    _check_keys(config, path)
     r = _Resolver(config, args, path)
     _resolve_zero(config, path)
     _resolve_precision(config, r)
-    _resolve_optimizer(config, r)
+    _resolve_optimizer(config, r, device)
     _resolve_batch(config, r, world_size)
     r.resolve("max_grad_norm", config, "gradient_clipping", "gradient_clipping")
     seed = r.resolve("seed", config, "seed", "seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"{path}: seed is {seed!r}: it must be an integer >= 0 (or \"auto\")")
     _resolve_scheduler(config, r)
-    leftover = _leftover_auto({k: v for k, v in config.items() if k != "scheduler"})
+    leftover = leftover_auto({k: v for k, v in config.items() if k != "scheduler"})
     if leftover:
         raise UserError(f"{path}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
-    _write_back(config, args)
-    log.info("ds_config: %s, ZeRO-%d, %s, global batch %d", path, config["zero_optimization"]["stage"],
-             precision(config), config["train_batch_size"])
     return config
-
-
-def precision(config: dict) -> str:
-    return "fp16" if config["fp16"]["enabled"] else "bf16" if config["bf16"]["enabled"] else "fp32"
-
-
-def finalize_scheduler(config: dict, total_steps: int, path: str = "the DeepSpeed config") -> None:
-    """Fill a JSON scheduler's total_num_steps "auto" once the trainer knows the step count; no "auto" may remain."""
-    params = config.get("scheduler", {}).get("params", {})
-    if params.get("total_num_steps") == AUTO:
-        params["total_num_steps"] = total_steps
-    leftover = _leftover_auto(config)
-    if leftover:
-        raise UserError(f"{path}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
-
-
-def param_groups(model, weight_decay: float) -> list:
-    """The `model_parameters` of deepspeed.initialize: AdamW groups, no weight decay on biases and LayerNorm weights
-    (as HF's Trainer, which the ancestor used). Empty groups are dropped by DeepSpeed; the order is fixed."""
-    import torch
-
-    no_decay = set()
-    for mod_name, module in model.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
-            if p_name == "bias" or isinstance(module, torch.nn.LayerNorm):
-                no_decay.add(f"{mod_name}.{p_name}" if mod_name else p_name)
-    decay, plain = [], []
-    for name, p in model.named_parameters():  # tied weights appear once
-        if p.requires_grad:
-            (plain if name in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-
-
-def write_resolved_config(config: dict, output_dir: str) -> str:
-    """Write `{output_dir}/ds_config.json` atomically (temp file, fsync, rename); call on rank 0."""
-    from ds_mlm.checkpoint import atomic_write_text
-
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "ds_config.json")
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path

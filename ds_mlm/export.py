@@ -10,23 +10,26 @@ The weights are the fp32 master weights, not the bf16/fp16 copies the forward pa
 calls `export_model` (gathering ZeRO partitions is collective) and rank 0 writes. From a checkpoint (any ZeRO stage,
 no launcher needed):
 
-    python -m ds_mlm.export --checkpoint OUT/checkpoint-500 --output_dir EXPORT [--tokenizer_dir T]
+    python -m ds_mlm.export --checkpoint OUT/checkpoint-500 --output_dir EXPORT [--tokenizer_dir T] [--force]
 
-A directory is written beside its final name and renamed into place, so a crash never leaves half an export.
-(`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we fill a fresh model instead and let
-`save_pretrained` handle the ties.)
+A directory is written beside its final name (NAME.tmp-HOST-PID) and renamed into place (atomic.py), so a crash
+never leaves half an export, and the next export removes what a killed one left. A full disk is one line saying the
+checkpoint is intact. A checkpoint without its COMPLETE marker was interrupted while saving: exporting it needs
+--force. (`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we fill a fresh model instead
+and let `save_pretrained` handle the ties.)
 """
 
 import argparse
+import errno
 import glob
 import os
-import shutil
-import tempfile
+import zipfile
 
 import torch
 
-from ds_mlm import distributed
+from ds_mlm import atomic, distributed, preflight
 from ds_mlm.errors import UserError, cli
+from ds_mlm.optim import param_groups
 
 MODEL_DIR = "roberta_thai"
 TOKENIZER_DIR = "roberta_thai_tokenizer"
@@ -56,7 +59,7 @@ def gather_fp32_state_dict(engine) -> dict:
     from deepspeed.runtime.zero import GatheredParameters
 
     masters = _zero0_masters(engine.optimizer)
-    keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # only rank 0 writes
+    keep = not distributed.initialized() or torch.distributed.get_rank() == 0  # only rank 0 writes
     out = {}
     for name, p in engine.module.named_parameters():  # the same order on every rank
         full = safe_get_full_fp32_param(p)  # ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer): the fp32 partitions
@@ -97,8 +100,6 @@ def state_dict_from_checkpoint(checkpoint_dir: str, model) -> dict:
     if groups is None and "fp32_groups_flat" in opt:
         groups = [list(flat) for flat in opt["fp32_groups_flat"]]  # split below, by the params' sizes
     if groups is not None:
-        from ds_mlm.ds_config import param_groups
-
         named = {id(p): n for n, p in model.named_parameters()}
         ours = [g["params"] for g in param_groups(model, 0.0) if g["params"]]  # the order the optimizer saw
         for params, masters in zip(ours, groups):
@@ -128,58 +129,87 @@ def _fill(model, tensors: dict) -> None:
                 b.copy_(tensors[name])
 
 
-def _replace_dir(final: str, write) -> None:
-    """Write into a fresh directory beside `final`, then swap it in (the old one is removed last)."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.")
+def export_bytes(num_params: int) -> int:
+    """About what an export takes: fp32 weights once (the tokenizer files are small), plus 10 % of slack."""
+    return int(num_params * 4 * 1.1) + (16 << 20)
+
+
+def _written(what: str, output_dir: str, write, intact: str) -> None:
+    """Run `write`; a full disk (or another OS error) is one line saying what is still intact."""
     try:
-        write(tmp)
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.old.")
-            os.replace(final, os.path.join(old, "x"))
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write()
+    except (OSError, RuntimeError) as e:  # safetensors and torch report a full disk as RuntimeError, without errno
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(e).lower()
+        why = "the disk is full" if full else str(e).splitlines()[0][:200]
+        raise UserError(f"could not write {what} in {output_dir} ({why}); {intact}") from None
 
 
-def save_model_dir(model, tensors: dict, tokenizer, output_dir: str) -> str:
+def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str = "nothing was changed") -> str:
     """Fill a fresh fp32 CPU `model` with `tensors`; write {output_dir}/roberta_thai and .../roberta_thai_tokenizer."""
     _fill(model, tensors)
     model_dir = os.path.join(output_dir, MODEL_DIR)
+    os.makedirs(output_dir, exist_ok=True)
+    preflight.free_space(output_dir, export_bytes(sum(p.numel() for p in model.parameters())), "--output_dir",
+                         f"the exported model ({intact})")
 
-    def write_model(path):
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    def write():
+        with atomic.staging_dir(model_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        with atomic.staging_dir(os.path.join(output_dir, TOKENIZER_DIR)) as tmp:
+            tokenizer.save_pretrained(tmp)
 
-    _replace_dir(model_dir, write_model)
-    _replace_dir(os.path.join(output_dir, TOKENIZER_DIR), tokenizer.save_pretrained)
+    _written("the exported model", output_dir, write, intact)
     return model_dir
 
 
-def export_model(engine, tokenizer, output_dir: str) -> str:
-    """Export the engine's fp32 weights with the tokenizer. Call on every rank; rank 0 writes."""
+def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was changed") -> str:
+    """Export the engine's fp32 weights with the tokenizer. Call on every rank; rank 0 writes. `intact`: what the
+    one-line error of a failed write says is still good (the run's last checkpoint)."""
     import logging
 
     tensors = gather_fp32_state_dict(engine)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = torch.distributed.get_rank() if distributed.initialized() else 0
     model_dir = os.path.join(output_dir, MODEL_DIR)
+    error = None
     if rank == 0:
         from transformers import RobertaForMaskedLM
 
         fresh = RobertaForMaskedLM(engine.module.config).float()  # the plain HF class: what downstream code loads
-        save_model_dir(fresh, tensors, tokenizer, output_dir)
-        logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
-                                         model_dir, os.path.join(output_dir, TOKENIZER_DIR))
-    distributed.barrier()
+        try:
+            save_model_dir(fresh, tensors, tokenizer, output_dir, intact)
+        except UserError as e:
+            error = str(e)
+        else:
+            logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
+                                             model_dir, os.path.join(output_dir, TOKENIZER_DIR))
+    error = distributed.all_gather_object(error)[0]  # every rank says it, none waits for a rank that gave up
+    if error:
+        raise UserError(error)
     return model_dir
 
 
-def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None) -> str:
+def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
+    """A checkpoint cut short or damaged is one line, before anything is read at length."""
+    from ds_mlm.checkpointer import MARKER, damage, is_complete
+
+    if not is_complete(checkpoint_dir):
+        if not force:
+            raise UserError(f"{checkpoint_dir} has no {MARKER} marker: its save was interrupted and its files may be "
+                            "partial; export an earlier checkpoint, or pass --force to export it anyway")
+        print(f"warning: {checkpoint_dir} has no {MARKER} marker (--force): its files may be partial")
+        for path in glob.glob(os.path.join(checkpoint_dir, "*.pt")):
+            try:
+                zipfile.ZipFile(path).close()
+            except (OSError, zipfile.BadZipFile):
+                raise UserError(f"{path} is not a readable archive (cut short): export an earlier checkpoint") from None
+        return
+    why = damage(checkpoint_dir)
+    if why:
+        raise UserError(f"{checkpoint_dir} is damaged ({why}): export an earlier checkpoint")
+
+
+def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, force: bool = False) -> str:
     """Export a saved checkpoint-N directory (config.json and tokenizer are saved in it by the trainer)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
@@ -190,11 +220,16 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None) 
         raise UserError(f"--checkpoint {checkpoint_dir}: no such directory; give an OUTPUT_DIR/checkpoint-N directory")
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
+    _check_checkpoint(checkpoint_dir, force)
     config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
     tokenizer = load_tokenizer(tokenizer_dir or checkpoint_dir, "auto")
     fresh = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config).float()
-    tensors = state_dict_from_checkpoint(checkpoint_dir, fresh)
-    return save_model_dir(fresh, tensors, tokenizer, output_dir)
+    try:
+        tensors = state_dict_from_checkpoint(checkpoint_dir, fresh)
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:  # a file damaged past our checks
+        raise UserError(f"{checkpoint_dir} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "export an earlier checkpoint") from None
+    return save_model_dir(fresh, tensors, tokenizer, output_dir, f"{checkpoint_dir} is intact")
 
 
 def main(argv=None) -> int:
@@ -203,8 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory under a run's --output_dir")
     parser.add_argument("--output_dir", required=True, help="where roberta_thai/ and roberta_thai_tokenizer/ go")
     parser.add_argument("--tokenizer_dir", help="the tokenizer to ship with it (default: the one in the checkpoint)")
+    parser.add_argument("--force", action="store_true", help="export a checkpoint whose save was interrupted")
     args = parser.parse_args(argv)
-    model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir)
+    model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir, args.force)
     print(f"exported {args.checkpoint} to {model_dir}")
     return 0
 

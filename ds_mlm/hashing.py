@@ -21,3 +21,15 @@ def mix64(x):
 def epoch_key(seed, epoch):
     """One 64-bit key for (seed, epoch), both uint64."""
     return mix64(mix64(seed ^ GOLDEN) ^ epoch)
+
+
+
+def seed_from(*values: int) -> int:
+    """A 63-bit seed mixed from integers (e.g. seed, step, rank), for a generator that must be seeded afresh."""
+    x = 0
+    for v in values:
+        x = (x ^ (int(v) & U64)) + int(GOLDEN) & U64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & U64  # mix64, in plain integers
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & U64
+        x ^= x >> 31
+    return x >> 1

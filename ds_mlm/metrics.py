@@ -10,9 +10,12 @@ Every `--logging_steps` optimizer steps one record goes to three places, all fro
     train/loss_scale, eval/loss, eval/perplexity (x axis: optimizer step).
   - one line on stdout.
 
-"loss" is the mean micro-batch loss over the window and over all ranks (an all-reduce), so every rank computes the
-same number; "lr" is the learning rate the logged step was taken with; throughput counts all ranks' input tokens
-(padding excluded) and samples over the window's wall time.
+"loss" is the cross-entropy per masked token over the window and over all ranks (sums all-reduced), the number a
+run computes the same on any number of processes and micro-batch split; "lr" is the learning rate the logged step
+was taken with; throughput counts all ranks' input tokens (padding excluded) and samples over the window's wall
+time; "data_wait" is the share of that time the training loop waited for its next batch (rank 0's). With several
+training sources, "samples_by_source" counts each source's samples since the start of training; with several
+evaluation sources, "eval_by_source" holds each one's eval_loss and perplexity (TensorBoard: eval/<source>/loss).
 """
 
 import json
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "samples_per_s": "train/samples_per_s",
+                    "data_wait": "train/data_wait",
                     "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
 LOG_FILE = "train_log.jsonl"
 
@@ -49,74 +53,104 @@ def perplexity(loss: float) -> float:
 class Window:
     """Sums over this rank's micro-batches since the last log; `summary()` reduces them over ranks (a collective)."""
 
+    FIELDS = ("loss_sum", "masked", "tokens", "samples")
+
     def __init__(self, device):
         self.device = device
         self.reset()
 
     def reset(self):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per step
-        self.micro_batches = 0
-        self.tokens = 0
-        self.samples = 0
+        self.masked = self.tokens = self.samples = 0
+        self.waited = 0.0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int, samples: int) -> None:
-        self.loss_sum += loss.detach().double()
-        self.micro_batches += 1
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        """A micro-batch's summed cross-entropy (a device tensor: adding it costs no synchronisation)."""
+        self.loss_sum += loss_sum.detach().double()
+
+    def add_step(self, masked: int, tokens: int, samples: int, waited: float) -> None:
+        """A step's masked tokens, input tokens and samples on this rank, and the seconds the loop waited for them."""
+        self.masked += masked
         self.tokens += tokens
         self.samples += samples
+        self.waited += waited
+
+    def _reduced(self) -> list:
+        return all_reduce_sum([self.loss_sum.item(), self.masked, self.tokens, self.samples], self.device)
 
     def state_dict(self) -> dict:
-        """This rank's unlogged sums (saved in checkpoints so a resume mid-window logs the same numbers)."""
-        return {"loss_sum": self.loss_sum.item(), "micro_batches": self.micro_batches, "tokens": self.tokens,
-                "samples": self.samples, "seconds": time.perf_counter() - self.started}
+        """The window's sums over every rank (a collective), saved once in a checkpoint: a resume mid-window, on any
+        number of processes, logs the same numbers."""
+        sums = dict(zip(self.FIELDS, self._reduced()))
+        return {**sums, "seconds": time.perf_counter() - self.started, "waited": self.waited}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loss_sum.fill_(state["loss_sum"])
-        self.micro_batches, self.tokens, self.samples = state["micro_batches"], state["tokens"], state["samples"]
+    def load_state_dict(self, state: dict, holder: bool) -> None:
+        """`holder`: this rank carries the saved sums (rank 0); the others start from zero."""
+        self.reset()
+        if holder:
+            self.loss_sum.fill_(state["loss_sum"])
+            self.masked, self.tokens, self.samples = (int(state[k]) for k in ("masked", "tokens", "samples"))
+            self.waited = state.get("waited", 0.0)
         self.started = time.perf_counter() - state.get("seconds", 0.0)  # its tokens took that long before the stop
 
     def summary(self) -> dict:
-        loss_sum, count, tokens, samples = all_reduce_sum(
-            [self.loss_sum.item(), self.micro_batches, self.tokens, self.samples], self.device)
+        loss_sum, masked, tokens, samples = self._reduced()
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        waited = self.waited
         self.reset()
-        return {"loss": loss_sum / max(count, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
+        return {"loss": loss_sum / max(masked, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
+                "data_wait": min(waited / seconds, 1.0)}
 
 
 class MetricsWriter:
-    """The jsonl file, TensorBoard and stdout; a no-op on ranks other than 0."""
+    """The jsonl file, TensorBoard and stdout; a no-op on ranks other than 0. Opened at the first write, so a run that
+    fails before its first logged step leaves an earlier run's log as it was."""
 
     def __init__(self, output_dir: str, logging_dir: str, rank: int, truncate_at=None, purge_from=None):
         """truncate_at: cut train_log.jsonl back to this many bytes (a resume: 0 starts afresh); purge_from: hide
         TensorBoard events of this step and later written before (the steps a resume redoes)."""
         self.enabled = rank == 0
+        self.output_dir, self.logging_dir = output_dir, logging_dir
+        self.truncate_at, self.purge_from = truncate_at, purge_from
         self.path = os.path.join(output_dir, LOG_FILE)
         self.file = self.tb = None
-        if not self.enabled:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if truncate_at is not None and os.path.exists(self.path) and os.path.getsize(self.path) > truncate_at:
+
+    def _open(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        cut = self.truncate_at
+        if cut is not None and os.path.exists(self.path) and os.path.getsize(self.path) > cut:
             with open(self.path, "r+b") as f:  # the records after the checkpoint are about to be redone
-                f.truncate(truncate_at)
+                f.truncate(cut)
         self.file = open(self.path, "a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=logging_dir, purge_step=purge_from)
+        self.tb = SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_from)
 
     def position(self) -> int:
         """Bytes written so far (recorded in checkpoints so a resume can cut the file back)."""
-        return self.file.tell() if self.enabled else 0
+        if not self.enabled:
+            return 0
+        if self.file is None:
+            self._open()
+        return self.file.tell()
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record["step"]
         for key, value in record.items():
             if key in TENSORBOARD_TAGS and value is not None:
                 self.tb.add_scalar(TENSORBOARD_TAGS[key], value, step)
+        for source, count in record.get("samples_by_source", {}).items():
+            self.tb.add_scalar(f"data/samples/{source}", count, step)
+        for source, metrics in record.get("eval_by_source", {}).items():
+            self.tb.add_scalar(f"eval/{source}/loss", metrics["eval_loss"], step)
+            self.tb.add_scalar(f"eval/{source}/perplexity", metrics["perplexity"], step)
         self.tb.flush()
 
     def close(self) -> None:
@@ -132,12 +166,14 @@ def format_record(record: dict) -> str:
     """One stdout line: `step 12 | loss 6.9100 | lr 4.20e-05 | ...`."""
     parts = [f"step {record['step']}"]
     for key, value in record.items():
-        if key == "step" or value is None:
+        if key == "step" or value is None or isinstance(value, dict):
             continue
         if key == "lr":
             parts.append(f"lr {value:.3e}")
         elif key in ("tokens_per_s", "samples_per_s"):
             parts.append(f"{key} {value:,.0f}")
+        elif key == "data_wait":
+            parts.append(f"{key} {value:.1%}")
         else:
             parts.append(f"{key} {value:.4f}")
     return " | ".join(parts)

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 ds_mlm/run_mlm.py ...      python -m ds_mlm.run_mlm ...   (a world of one)
 
 Flags are those of thai2transformers' / HuggingFace's run_mlm.py (`--help` lists them). The run: parse, join the
-process group, load the tokenizer, build or open the token stores (one builder per job), create the model, wrap it
-in a DeepSpeed engine, train (resuming from the newest complete checkpoint), export, evaluate.
+process group, check everything that can be checked, lock the output directory, build or open the token stores
+(one builder per job), plan the run, choose the checkpoint to resume (refusing what does not fit), build the model
+and its DeepSpeed engine, train (a signal ends it with a checkpoint and status 75), export, evaluate.
 """
 
 import os
@@ -14,13 +15,16 @@ import sys
 if __package__ in (None, ""):  # run as a file (deepspeed ds_mlm/run_mlm.py): import the package, not its siblings
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import contextlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 
-from ds_mlm import distributed, preflight  # noqa: E402
+from ds_mlm import atomic, distributed, precision, preflight  # noqa: E402
 from ds_mlm.args import parse_args  # noqa: E402
 from ds_mlm.ds_config import resolve_ds_config  # noqa: E402
-from ds_mlm.errors import cli  # noqa: E402
-from ds_mlm.model import build_model, count_parameters, resolve_config  # noqa: E402
+from ds_mlm.errors import UserError, cli  # noqa: E402
+from ds_mlm.lock import DirLock  # noqa: E402
+from ds_mlm.model import count_parameters, resolve_config  # noqa: E402
 from ds_mlm.prepare import prepare_datasets  # noqa: E402
 from ds_mlm.tokenization import load_tokenizer  # noqa: E402
 
@@ -31,6 +35,23 @@ def setup_logging(rank: int) -> None:
     # Rank 0 tells the story; the other ranks speak only of trouble.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s [ds_mlm] %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+@contextlib.contextmanager
+def run_lock(dist, output_dir: str):
+    """One training run per --output_dir for the job's lifetime (rank 0 holds it; lock.py says why it is safe on NFS)."""
+    lock = DirLock(output_dir, "training run", flag="--output_dir")
+
+    def take():
+        preflight.writable_dir(output_dir, "--output_dir")
+        lock.acquire()
+
+    dist.decide(take)
+    try:
+        yield
+    finally:
+        if dist.is_main:
+            lock.release()
 
 
 def main(argv=None) -> int:
@@ -47,34 +68,94 @@ def main(argv=None) -> int:
                                add_space_token=model_args.add_space_token, use_fast=model_args.use_fast_tokenizer)
     config = resolve_config(model_args, tokenizer, data_args.max_seq_length)
     cache_dir = data_args.datasets_cache_dir or os.path.join(train_args.output_dir, "datasets_cache")
-    if not data_args.build_dataset_only:
-        ds_config = resolve_ds_config(train_args, world_size=dist.world_size)
-        if dist.local_rank == 0:
-            preflight.writable_dir(train_args.output_dir, "--output_dir")
-            mixed = ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]
-            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(count_parameters(config), mixed),
-                                 "--output_dir", "one checkpoint and the final model")
-
-    train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
     if data_args.build_dataset_only:
+        prepare_datasets(data_args, tokenizer, dist, cache_dir)
         log.info("--build_dataset_only: token stores are ready in %s", cache_dir)
         return 0
+    device = precision.this_device()
+    ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
+    if train_args.evaluation_strategy != "no" and not data_args.eval_dir and dist.is_main:
+        log.warning("--evaluation_strategy %s without --eval_dir: nothing will be evaluated (give --eval_dir)",
+                    train_args.evaluation_strategy)
+    with run_lock(dist, train_args.output_dir):
+        if dist.local_rank == 0:
+            mixed = ds_json["bf16"]["enabled"] or ds_json["fp16"]["enabled"]
+            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(count_parameters(config), mixed),
+                                 "--output_dir", "one checkpoint and the final model")
+        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
+        trainer = setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist,
+                                 train_ds, eval_ds)
+        code = train(trainer, tokenizer, train_args.save_on_signal)
+    distributed.shutdown()
+    return code
 
+
+def setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist, train_ds, eval_ds):
+    """Plan the run, choose and check the checkpoint to resume, build the engine and the trainer, restore."""
     from transformers import set_seed  # noqa: E402 (heavy imports only on the training path)
 
-    from ds_mlm.export import export_model
-    from ds_mlm.trainer import Trainer
+    from ds_mlm import resume
+    from ds_mlm.checkpointer import Checkpointer
+    from ds_mlm.engine import build_engine
+    from ds_mlm.model import build_model
+    from ds_mlm.plan import make_plan
+    from ds_mlm.trainer import make_trainer
 
-    set_seed(train_args.seed)  # same initial weights on every rank and every run with this seed
-    model = build_model(model_args, tokenizer, data_args.max_seq_length)
-    trainer = Trainer(model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
-                      args=train_args, data_args=data_args, ds_config=ds_config, dist=dist)
-    trainer.train()
-    export_model(trainer.engine, tokenizer, train_args.output_dir)
-    if eval_ds is not None:
+    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, len(train_ds),
+                              config)
+    if warning and dist.is_main:
+        log.warning(warning)
+    checkpointer = Checkpointer(plan.output_dir, dist, train_args.save_total_limit)
+    chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
+    universal = chosen is not None and checkpointer.universal_needed(chosen, plan)
+    if chosen is not None:
+        resume.check(chosen, plan, dist)
+        if universal:
+            checkpointer.make_universal(chosen)
+    if dist.is_main:  # only once the resume is accepted: a refused one leaves the old run's record alone
+        os.makedirs(plan.output_dir, exist_ok=True)
+        atomic.write_text(os.path.join(plan.output_dir, "ds_config.json"),
+                          json.dumps(plan.ds_config, indent=2, sort_keys=True) + "\n")
+
+    set_seed(plan.seed)  # same initial weights on every rank and every run with this seed
+    engine = build_engine(plan, build_model(model_args, tokenizer, data_args.max_seq_length), load_universal=universal)
+    eval_sets = eval_ds if isinstance(eval_ds, dict) or eval_ds is None else {data_args.eval_dir: eval_ds}
+    trainer = make_trainer(plan, engine, tokenizer, train_ds, eval_sets, dist, checkpointer, train_args,
+                           fresh_over_old=train_args.overwrite_output_dir and chosen is None)
+    if chosen is not None:
+        resume.restore(trainer, checkpointer, chosen, plan, dist, universal)
+    announce(plan, len(train_ds))
+    return trainer
+
+
+def train(trainer, tokenizer, save_on_signal: bool) -> int:
+    """Train, export, evaluate; the exit status (75 once a signal's checkpoint is saved)."""
+    from ds_mlm.export import export_model
+    from ds_mlm.signals import EXIT_PREEMPTED, StopOnSignal
+
+    plan, dist = trainer.plan, trainer.dist
+    with StopOnSignal(save_on_signal, prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "") as stop:
+        outcome = trainer.train(stop)
+    if outcome == "preempted" or stop.requested:
+        return EXIT_PREEMPTED
+    last = os.path.join(plan.output_dir, f"checkpoint-{trainer.global_step}")
+    export_model(trainer.engine, tokenizer, plan.output_dir,
+                 intact=f"{last} is intact: free some space, then export it with python -m ds_mlm.export "
+                        f"--checkpoint {last} --output_dir {plan.output_dir}")
+    if trainer.eval_sets:
         metrics = trainer.final_evaluation()
-        log.info("final evaluation: %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("final evaluation: eval_loss=%.4f perplexity=%.4f", metrics["eval_loss"], metrics["perplexity"])
     return 0
+
+
+def announce(plan, train_samples: int) -> None:
+    tokens_per_step = plan.global_batch * plan.seq_length
+    log.info("global batch %d = micro %d x grad accumulation %d x %d processes (%s tokens/step at %d per sample)",
+             plan.global_batch, plan.micro_batch, plan.grad_accumulation, plan.world_size, f"{tokens_per_step:,}",
+             plan.seq_length)
+    log.info("training %d steps (%.2f epochs of %d samples): token budget %s; ZeRO-%d, %s, lr %.3g, %s schedule, "
+             "warm-up %d", plan.max_steps, plan.epochs, train_samples, f"{plan.max_steps * tokens_per_step:,}",
+             plan.zero_stage, plan.precision, plan.learning_rate, plan.schedule, plan.warmup_steps)
 
 
 def build_dataset(argv=None) -> int:

@@ -1,41 +1,48 @@
-"""The training loop around a DeepSpeed engine: batches, steps, logging, evaluation, checkpoints, exact resume.
+"""The training loop around a DeepSpeed engine: steps, logging, evaluation, checkpoints, stopping on a signal.
 
-    trainer = Trainer(model=..., tokenizer=..., train_dataset=..., eval_dataset=..., args=..., data_args=...,
-                      ds_config=resolve_ds_config(args, world_size), dist=dist)
-    trainer.train()        # resumes from the newest complete checkpoint unless --overwrite_output_dir
-    trainer.evaluate()     # {"eval_loss", "perplexity"} over the whole eval set, all ranks
+    trainer = Trainer(plan, engine, loader, eval_sets, eval_collator, dist, checkpointer, options)
+    trainer.load_state_dict(state)      # a checkpoint's trainer state (after checkpointer.load restored the engine)
+    outcome = trainer.train(stop)       # "done", or "preempted" after a signal's checkpoint
+    trainer.evaluate()                  # {"eval_loss", "perplexity"[, "eval_by_source"]}, every rank
 
-One optimizer step = `gradient_accumulation_steps` micro-batches per rank; `engine.step()` is called after every
-micro-batch and DeepSpeed applies the update at the boundary. The loss is the cross-entropy of the masked tokens,
-computed in fp32 from the logits (the model's own loss would be computed in bf16/fp16 under mixed precision).
-Resume is exact (same loss sequence as an uninterrupted run, same world size): the engine state, the sampler
-position, every rank's RNG states and the partial logging window are restored.
+One optimizer step = the plan's accumulation of micro-batches per rank (the step's global batch: sampler.py).
+The loss of a step is the cross-entropy summed over its masked tokens on every rank, divided by their number (one
+all-reduce at the start of the step, which also carries the ranks' stop requests): the same gradient for any split
+of the global batch into processes, micro-batches and accumulation steps, so a run resumed on another number of
+processes follows the same trajectory up to reduction order (HF's loss-per-micro-batch mean would not). DeepSpeed
+divides by the accumulation steps and averages over ranks, so each micro-batch's sum is scaled by W x A / N.
+
+`Trainer.__init__` does no file I/O and no collective; the state is `state_dict()` (step, sampler position, log
+position, logging window, samples by source: one dict, the same on every rank) and `load_state_dict()`.
 """
 
-import json
 import logging
 import math
-import os
 import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
 
-import deepspeed
 import torch
 from tqdm.auto import tqdm
 
-from ds_mlm import checkpoint, distributed
-from ds_mlm.collator import MLMCollator
-from ds_mlm.ds_config import finalize_scheduler, param_groups, precision, write_resolved_config
 from ds_mlm.metrics import MetricsWriter, Window, all_reduce_sum, format_record, perplexity
-from ds_mlm.sampler import ResumableDistributedSampler
 
 log = logging.getLogger(__name__)
-
 EVAL_SEED = 1234  # one masking of the eval set for every evaluation of every run: numbers stay comparable
 
 
-def masked_lm_loss(engine, batch: dict):
-    """(sum of the masked tokens' cross-entropy in fp32, number of masked tokens): model.RobertaForMLMPretraining."""
-    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+@dataclass(frozen=True)
+class LoopOptions:
+    """When the loop logs, evaluates and saves (the flags of the same names)."""
+
+    logging_steps: int
+    eval_every: Optional[int]
+    """Evaluate every N steps (--evaluation_strategy steps/epoch), or never (None)."""
+    save_steps: int
+    eval_batch_size: int
+    overwrite_output_dir: bool = False
+    """A fresh run over an old --output_dir: its checkpoints and log go once the first step is taken."""
 
 
 def _float_or_none(value):
@@ -45,205 +52,154 @@ def _float_or_none(value):
 
 
 class Trainer:
-    def __init__(self, model, tokenizer, train_dataset, eval_dataset, args, data_args, ds_config: dict, dist):
-        self.args, self.data_args, self.dist = args, data_args, dist
-        if eval_dataset is not None and len(eval_dataset) == 0:
-            log.warning("the evaluation set is empty: no evaluation (put text files in --eval_dir)")
-            eval_dataset = None
-        self.tokenizer, self.train_dataset, self.eval_dataset = tokenizer, train_dataset, eval_dataset
-        self.ds_config = ds_config
-        self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        self.grad_acc = ds_config["gradient_accumulation_steps"]
-        self.global_batch = ds_config["train_batch_size"]
-        self.zero_stage = ds_config["zero_optimization"]["stage"]
-        self.sampler = ResumableDistributedSampler(len(train_dataset), self.micro, dist.rank, dist.world_size,
-                                                   args.seed)
-        masking = dict(mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask)
-        self.collator = MLMCollator.from_tokenizer(tokenizer, seed=args.seed, **masking)
-        self.eval_collator = MLMCollator.from_tokenizer(tokenizer, seed=EVAL_SEED, **masking)
-        self.steps_per_epoch = max(self.sampler.micro_batches_per_epoch // self.grad_acc, 1)
-        if args.max_steps > 0:
-            self.max_steps = args.max_steps
-        else:
-            self.max_steps = max(math.ceil(args.num_train_epochs * self.sampler.micro_batches_per_epoch / self.grad_acc), 1)
-
-        # rank 0 decides and tells the others: nodes may see a shared directory's pointer at different moments
-        mine = (checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-                if dist.rank == 0 else None)
-        self.resume_path = distributed.all_gather_object(mine)[0]
-        if args.overwrite_output_dir and not args.resume_from_checkpoint and dist.rank == 0:
-            checkpoint.clear_for_overwrite(args.output_dir)
-
-        lr_scheduler = None
-        if "scheduler" in ds_config:  # the JSON chose DeepSpeed's own schedule
-            finalize_scheduler(ds_config, self.max_steps, args.deepspeed_config or "the DeepSpeed config")
-            log.info("lr schedule: DeepSpeed %s from the JSON (--lr_scheduler_type ignored)",
-                     ds_config["scheduler"].get("type"))
-        else:
-            lr_scheduler = self._hf_schedule
-        if dist.rank == 0:
-            written = write_resolved_config(ds_config, args.output_dir)
-            log.info("DeepSpeed config (written to %s): %s", written, ds_config)
-        distributed.barrier()
-
-        weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
-                                               config=ds_config, lr_scheduler=lr_scheduler)
+    def __init__(self, plan, engine, loader, eval_sets, eval_collator, dist, checkpointer, options: LoopOptions,
+                 source_names=(), write_extras=None):
+        self.plan, self.engine, self.loader, self.dist = plan, engine, loader, dist
+        self.eval_sets = {name: ds for name, ds in (eval_sets or {}).items() if len(ds) > 0}
+        self.eval_collator, self.checkpointer, self.options = eval_collator, checkpointer, options
+        self.source_names, self.write_extras = list(source_names), write_extras
         self.global_step = 0
+        self.position = loader.state_dict()  # the sampler position after the last step trained
+        self.samples_by_source = [0] * len(self.source_names)
+        self.window = Window(engine.device)
+        self.log_position = 0 if options.overwrite_output_dir else None  # train_log.jsonl length to cut back to
+        self.resumed = False
         self.writer = None
         self._last_eval = None  # (step, metrics) of the loop's latest evaluation
+        self._saved_step = None
 
-    # -- set-up helpers ------------------------------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------------------------------
 
-    def _hf_schedule(self, optimizer):
-        # HF's own schedule functions: the ancestor trained with them, and DeepSpeed's WarmupDecayLR differs
-        # (its warm-up is at least 2 steps and starts at warmup_min_lr)
-        from transformers import get_scheduler
+    def state_dict(self) -> dict:
+        """The trainer's state, the same dict on every rank (the window's sums are reduced: a collective)."""
+        return {"global_step": self.global_step, "sampler": dict(self.position),
+                "consumed_samples": self.position["consumed_samples"], "window": self.window.state_dict(),
+                "log_position": self.writer.position() if self.writer else 0,
+                "samples_by_source": dict(zip(self.source_names, self.samples_by_source))}
 
-        return get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=self.args.warmup_steps,
-                             num_training_steps=self.max_steps)
-
-    def _announce(self) -> None:
-        seq = self.data_args.max_seq_length
-        tokens_per_step = self.global_batch * seq
-        log.info("global batch %d = micro %d x grad accumulation %d x %d processes (%s tokens/step at %d per sample)",
-                 self.global_batch, self.micro, self.grad_acc, self.dist.world_size, f"{tokens_per_step:,}", seq)
-        log.info("training %d steps (%.2f epochs of %d samples): token budget %s; ZeRO-%d, %s, lr %.3g, %s schedule, "
-                 "warm-up %d", self.max_steps, self.max_steps / self.steps_per_epoch, len(self.train_dataset),
-                 f"{self.max_steps * tokens_per_step:,}", self.zero_stage, precision(self.ds_config),
-                 self.args.learning_rate, self.args.lr_scheduler_type, self.args.warmup_steps)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-
-    def _trainer_state(self) -> dict:
-        return {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                "consumed_samples": self.sampler.consumed_samples, "log_position": self.writer.position(),
-                "world_size": self.dist.world_size, "train_batch_size": self.global_batch, "micro_batch": self.micro,
-                "gradient_accumulation_steps": self.grad_acc, "max_steps": self.max_steps, "seed": self.args.seed,
-                "zero_stage": self.zero_stage, "precision": precision(self.ds_config)}
-
-    def _write_extras(self, path: str) -> None:
-        self.engine.module.config.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-    def _save(self, window: Window) -> None:
-        path = checkpoint.save(self.engine, self.args.output_dir, self.global_step, self._trainer_state(), self.dist,
-                               self.args.save_total_limit, self._write_extras, rank_state={"window": window.state_dict()})
-        log.info("saved %s", path)
-
-    def _resume(self, window: Window):
-        """Load the checkpoint chosen at start-up, if any; returns the train_log.jsonl position to cut back to."""
-        if self.resume_path is None:
-            return None
-        path = self.resume_path
-        with open(os.path.join(path, checkpoint.STATE_FILE), encoding="utf-8") as f:
-            saved = json.load(f)
-        checkpoint.check_compatible(saved, path, self.dist.world_size, self.zero_stage, self.global_batch,
-                                    precision(self.ds_config))
-        state, rank_state = checkpoint.load(self.engine, path, self.dist)
-        self.sampler.load_state_dict(state["sampler"])
+    def load_state_dict(self, state: dict) -> None:
         self.global_step = state["global_step"]
+        self.loader.load_state_dict(state["sampler"])
+        self.position = self.loader.state_dict()
+        self.window.load_state_dict(state["window"], holder=self.dist.is_main)
+        self.log_position = state["log_position"]
+        saved = state.get("samples_by_source", {})
+        self.samples_by_source = [int(saved.get(name, 0)) for name in self.source_names]
+        self.resumed = True
         if self.engine.global_steps != self.global_step:
-            raise RuntimeError(f"{path}: DeepSpeed restored step {self.engine.global_steps}, trainer state says "
+            raise RuntimeError(f"DeepSpeed restored step {self.engine.global_steps}, the trainer state says "
                                f"{self.global_step}")
-        if rank_state is not None:  # a checkpoint between two logged steps: the window goes on where it was
-            window.load_state_dict(rank_state["window"])
-        log.info("resumed from %s at step %d (%d samples consumed)", path, self.global_step,
-                 state["consumed_samples"])
-        return state["log_position"]
 
-    # -- training ------------------------------------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------------------------------------
 
-    def _batches(self):
-        """(epoch, batch on the device), forever; data are read in this process (memmap reads take microseconds)."""
-        device = self.engine.device
-        for epoch, indices in self.sampler:
-            batch = self.collator(self.train_dataset.__getitems__(indices), indices, epoch)
-            tokens = int(batch["attention_mask"].sum())
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tokens
+    def train(self, stop) -> str:
+        """Train up to plan.max_steps; "preempted" when a signal stopped it (a checkpoint of the step reached was
+        saved), else "done". `stop`: a signals.StopOnSignal, entered."""
+        purge_from = self.global_step + 1 if self.resumed else (0 if self.options.overwrite_output_dir else None)
+        self.writer = MetricsWriter(self.plan.output_dir, self.plan.logging_dir, self.dist.rank,
+                                    truncate_at=self.log_position, purge_from=purge_from)
+        bar = tqdm(total=self.plan.max_steps, initial=self.global_step, disable=not self.dist.is_main,
+                   file=sys.stderr, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            return self._loop(bar, stop)
+        finally:  # also on an error: its one line must not land on the progress bar's line
+            bar.close()
+            self.loader.close()
+            self.writer.close()
 
-    def _grad_norm_before_step(self):
-        """ZeRO-0 without mixed precision: DeepSpeed clips but does not report the norm, so measure it."""
+    def _agree(self, masked: int, stop) -> tuple:
+        """(masked tokens of the step on every rank, as a device tensor; does any rank want to stop?): one
+        all-reduce. Reading the stop flag is the loop's one host synchronisation per step."""
+        t = torch.tensor([float(masked), 1.0 if stop.requested else 0.0], dtype=torch.float32,
+                         device=self.engine.device)
+        self.dist.all_reduce(t)
+        return t[0].clamp(min=1.0), bool(t[1].item() > 0)
+
+    def _loop(self, bar, stop) -> str:
+        engine, plan, opts = self.engine, self.plan, self.options
+        engine.train()
+        measure_norm = plan.zero_stage == 0 and plan.precision == "fp32"  # DeepSpeed clips there but reports nothing
+        scale_by = plan.world_size * plan.grad_accumulation
+        first_step_of_run = self.global_step
+        while self.global_step < plan.max_steps:
+            step = self.loader.next()
+            total_masked, stopping = self._agree(step.masked, stop)
+            if stopping:
+                return self._stop_for_signal(stop)
+            number = self.global_step + 1
+            logging_step = number % opts.logging_steps == 0 or number == plan.max_steps
+            lr = engine.get_lr()[0]  # the rate this step is taken with
+            norm = None
+            for batch in step.micro_batches:
+                loss_sum, _ = engine(**batch)  # model.RobertaForMLMPretraining: (sum of the masked tokens' CE, n)
+                engine.backward(loss_sum * scale_by / total_masked)
+                if measure_norm and logging_step and engine.is_gradient_accumulation_boundary():
+                    norm = self._grad_norm()
+                engine.step()
+                self.window.add_loss(loss_sum)
+            self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds)
+            self.loader.wait_seconds = 0.0
+            self.global_step, self.position = engine.global_steps, step.position
+            if step.source_counts is not None:
+                self.samples_by_source = [a + int(b) for a, b in zip(self.samples_by_source, step.source_counts)]
+            elif self.source_names:
+                self.samples_by_source[0] += plan.global_batch
+            bar.update(1)
+            if opts.overwrite_output_dir and self.global_step == first_step_of_run + 1:
+                self.checkpointer.clear_previous_run()  # only now: a run that never started leaves the old one whole
+            if logging_step:
+                self._log_step(lr, norm if measure_norm else _float_or_none(engine.get_global_grad_norm()))
+            paused = time.perf_counter()
+            if opts.eval_every and self.global_step % opts.eval_every == 0:
+                self._evaluate_and_log()
+            if self.global_step % opts.save_steps == 0 or self.global_step == plan.max_steps:
+                self.save()  # the last step is always saved: a rerun finds the training done
+            self.window.started += time.perf_counter() - paused  # throughput counts training time only
+        return "done"
+
+    def _stop_for_signal(self, stop) -> str:
+        if self._saved_step != self.global_step and self.global_step > 0:
+            self.save()
+        log.info("stopped by %s at step %d%s: run the same command again to resume", stop.requested,
+                 self.global_step, f", saved in checkpoint-{self.global_step}" if self.global_step else "")
+        return "preempted"
+
+    def _grad_norm(self):
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _loss_scale(self):
-        if not self.ds_config["fp16"]["enabled"]:
-            return None
-        opt = self.engine.optimizer
-        return _float_or_none(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None))
+    def save(self) -> None:
+        state = {**self.state_dict(), "plan": self.plan.to_dict()}
+        path = self.checkpointer.save(self.engine, self.global_step, state, self.write_extras)
+        self._saved_step = self.global_step
+        log.info("saved %s", path)
 
-    def _log_step(self, window: Window, lr: float, grad_norm) -> None:
-        summary = window.summary()  # a collective: every rank logs the same mean
+    def _log_step(self, lr: float, grad_norm) -> None:
+        summary = self.window.summary()  # a collective: every rank logs the same numbers
         record = {"step": self.global_step, "loss": summary["loss"], "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": summary["tokens_per_s"], "samples_per_s": summary["samples_per_s"]}
-        scale = self._loss_scale()
-        if scale is not None:
-            record["loss_scale"] = scale
+                  "tokens_per_s": summary["tokens_per_s"], "samples_per_s": summary["samples_per_s"],
+                  "data_wait": summary["data_wait"]}
+        if self.plan.precision == "fp16":
+            opt = self.engine.optimizer
+            record["loss_scale"] = _float_or_none(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None))
+        if self.source_names:
+            record["samples_by_source"] = dict(zip(self.source_names, self.samples_by_source))
+        self._emit(record)
+
+    def _emit(self, record: dict) -> None:
         self.writer.write(record)
-        if self.dist.rank == 0:
+        if self.dist.is_main:
             tqdm.write(format_record(record), file=sys.stdout)
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()
         self._last_eval = (self.global_step, metrics)
         if metrics:
-            record = {"step": self.global_step, **metrics}
-            self.writer.write(record)
-            if self.dist.rank == 0:
-                tqdm.write(format_record(record), file=sys.stdout)
+            self._emit({"step": self.global_step, **metrics})
 
-    def train(self) -> None:
-        args, engine = self.args, self.engine
-        window = Window(engine.device)
-        cut_log_at = self._resume(window)
-        purge_from = self.global_step + 1 if self.resume_path else None  # TensorBoard: hide the redone steps' events
-        if self.resume_path is None and args.overwrite_output_dir:
-            cut_log_at, purge_from = 0, 0  # a fresh run: the previous run's log and curves go
-        self.writer = MetricsWriter(args.output_dir, args.logging_dir, self.dist.rank, truncate_at=cut_log_at,
-                                    purge_from=purge_from)
-        self._announce()
-        measure_norm = self.zero_stage == 0 and precision(self.ds_config) == "fp32"
-        bar = tqdm(total=self.max_steps, initial=self.global_step, disable=self.dist.rank != 0, file=sys.stderr,
-                   desc="train", unit="step", dynamic_ncols=True)
-        try:
-            self._loop(window, bar, measure_norm)
-        finally:  # also on an error: its one line must not land on the progress bar's line
-            bar.close()
-            self.writer.close()
-
-    def _loop(self, window: Window, bar, measure_norm: bool) -> None:
-        args, engine = self.args, self.engine
-        engine.train()
-        batches = self._batches()
-        while self.global_step < self.max_steps:
-            batch, tokens = next(batches)
-            boundary = engine.is_gradient_accumulation_boundary()
-            step = self.global_step + 1
-            logging_step = boundary and (step % args.logging_steps == 0 or step == self.max_steps)
-            lr = engine.get_lr()[0]  # the rate this step is taken with
-            loss_sum, count = masked_lm_loss(engine, batch)
-            loss = loss_sum / count.clamp(min=1)
-            engine.backward(loss)
-            norm = self._grad_norm_before_step() if (measure_norm and logging_step) else None
-            engine.step()
-            window.add(loss.detach(), tokens, batch["input_ids"].shape[0])
-            if not boundary:
-                continue
-            self.global_step = engine.global_steps
-            bar.update(1)
-            if logging_step:
-                self._log_step(window, lr, norm if measure_norm else _float_or_none(engine.get_global_grad_norm()))
-            if args.evaluation_strategy == "steps" and self.global_step % args.eval_steps == 0:
-                self._evaluate_and_log()
-            elif args.evaluation_strategy == "epoch" and self.global_step % self.steps_per_epoch == 0:
-                self._evaluate_and_log()
-            if self.global_step % args.save_steps == 0 or self.global_step == self.max_steps:
-                self._save(window)  # the last step is always saved: a rerun finds the training done
-
-    # -- evaluation ----------------------------------------------------------------------------------------------
+    # -- evaluation -----------------------------------------------------------------------------------------------------
 
     def final_evaluation(self) -> dict:
         """The metrics at the last step: the loop's own evaluation of that step, or a new one."""
@@ -252,26 +208,59 @@ class Trainer:
         return self.evaluate()
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Loss over every masked token of the eval set (sharded over ranks, fixed masking), and its perplexity."""
-        if self.eval_dataset is None:
-            return {}
+    def _eval_sums(self, dataset):
+        """(loss sum, masked tokens) of one eval set over every rank (sharded, fixed masking)."""
         engine, world, rank = self.engine, self.dist.world_size, self.dist.rank
-        n, bs = len(self.eval_dataset), self.args.per_device_eval_batch_size
+        n, bs = len(dataset), self.options.eval_batch_size
         mine = list(range(rank, n, world))
         num_batches = math.ceil(math.ceil(n / world) / bs)  # the same on every rank: ZeRO-3 forwards are collective
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
-        engine.eval()
         for b in range(num_batches):
             indices = mine[b * bs:(b + 1) * bs]
-            real = bool(indices)
-            batch = self.eval_collator(self.eval_dataset.__getitems__(indices or [0]), indices or [0], 0)
-            s, c = masked_lm_loss(engine, {k: v.to(engine.device) for k, v in batch.items()})
-            if real:
+            batch = self.eval_collator(dataset.__getitems__(indices or [0]), indices or [0], 0)
+            s, c = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            if indices:
                 loss_sum += s.double()
                 tokens += c.double()
-        engine.train()
-        total_loss, total_tokens = all_reduce_sum([loss_sum.item(), tokens.item()], engine.device)
+        return all_reduce_sum([loss_sum.item(), tokens.item()], engine.device)
+
+    def evaluate(self) -> dict:
+        """Loss over every masked token of the eval set(s), and its perplexity; per source too when several."""
+        if not self.eval_sets:
+            return {}
+        self.engine.eval()
+        sums = {name: self._eval_sums(ds) for name, ds in self.eval_sets.items()}
+        self.engine.train()
+        total_loss, total_tokens = (sum(v[i] for v in sums.values()) for i in (0, 1))
         eval_loss = total_loss / max(total_tokens, 1.0)
-        return {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        out = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        if len(sums) > 1:
+            out["eval_by_source"] = {name: {"eval_loss": s / max(c, 1.0), "perplexity": perplexity(s / max(c, 1.0))}
+                                     for name, (s, c) in sums.items()}
+        return out
+
+
+def make_trainer(plan, engine, tokenizer, train_dataset, eval_sets, dist, checkpointer, train_args,
+                 fresh_over_old: bool = False) -> Trainer:
+    """The trainer of a run: its sampler, loader and collators from the plan, its loop options from the flags."""
+    from ds_mlm.collator import MLMCollator
+    from ds_mlm.loader import StepLoader
+    from ds_mlm.sampler import GlobalBatchSampler
+
+    masking = dict(mlm_probability=plan.mlm_probability, whole_word_mask=plan.whole_word_mask)
+    sampler = GlobalBatchSampler(len(train_dataset), plan.global_batch, plan.micro_batch, dist.rank, dist.world_size,
+                                 plan.seed)
+    loader = StepLoader(sampler, train_dataset, MLMCollator.from_tokenizer(tokenizer, seed=plan.seed, **masking),
+                        engine.device)
+    every = {"steps": train_args.eval_steps, "epoch": plan.steps_per_epoch}.get(train_args.evaluation_strategy)
+    options = LoopOptions(logging_steps=train_args.logging_steps, eval_every=every, save_steps=train_args.save_steps,
+                          eval_batch_size=train_args.per_device_eval_batch_size, overwrite_output_dir=fresh_over_old)
+
+    def write_extras(path):  # so a checkpoint exports with nothing else (python -m ds_mlm.export)
+        engine.module.config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    eval_collator = MLMCollator.from_tokenizer(tokenizer, seed=EVAL_SEED, **masking)
+    return Trainer(plan, engine, loader, eval_sets, eval_collator, dist, checkpointer, options,
+                   source_names=getattr(train_dataset, "source_names", ()), write_extras=write_extras)

@@ -1,4 +1,5 @@
-"""The DeepSpeed config resolution: shipped configs, the flag/JSON precedence rule, and one-line errors."""
+"""The DeepSpeed config resolution: shipped configs, the flag/JSON precedence rule, and one-line errors (the
+device's say on precision is tests/test_precision.py; the final DeepSpeed dict is tests/test_plan.py)."""
 
 import json
 import logging
@@ -8,8 +9,7 @@ import pytest
 import torch
 
 from ds_mlm.args import parse_args
-from ds_mlm.ds_config import (find_config, param_groups, resolve_ds_config, shipped_config_dirs,
-                              write_resolved_config)
+from ds_mlm.ds_config import find_config, requested_precision, resolve_ds_config, shipped_config_dirs
 from ds_mlm.errors import UserError
 
 
@@ -22,17 +22,6 @@ def write_json(tmp_path, config, name="ds.json") -> str:
     path = tmp_path / name
     path.write_text(json.dumps(config) if not isinstance(config, str) else config)
     return str(path)
-
-
-@pytest.fixture
-def cpu_bf16(monkeypatch):
-    """cpu_bf16(native): make this CPU one with (True) or without (False) AVX512-BF16/AMX, whichever CI runs on."""
-    import ds_mlm.ds_config
-
-    def set_native(native: bool):
-        monkeypatch.setattr(ds_mlm.ds_config, "bf16_native", lambda acc: native)
-
-    return set_native
 
 
 SHIPPED = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero2_offload.json",
@@ -48,13 +37,11 @@ def test_every_shipped_config_resolves_and_deepspeed_accepts_it(tmp_path, monkey
     config = resolve_ds_config(args, world_size=1)  # DeepSpeedConfig sees a world of one without a process group
     assert config["train_batch_size"] == 8
     assert not (config["fp16"]["enabled"] and config["bf16"]["enabled"])
-    assert config["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam JIT
     parsed = DeepSpeedConfig(config)  # DeepSpeed's own validation (pydantic, batch assertion)
     assert parsed.zero_optimization_stage == int(name[4])
 
 
-def test_default_is_zero2_bf16_with_flag_defaults(tmp_path, cpu_bf16):
-    cpu_bf16(True)
+def test_default_is_zero2_bf16_with_flag_defaults(tmp_path):
     args = targs(tmp_path)
     config = resolve_ds_config(args, world_size=1)
     assert find_config(None).endswith("zero2.json") and config["zero_optimization"]["stage"] == 2
@@ -86,62 +73,22 @@ def test_precedence_given_flag_wins_json_value_stands_auto_takes_default(tmp_pat
             config["seed"]) == (4, 0.1, 0.5, 7)  # JSON numbers stand
     assert config["train_batch_size"] == 4 * 3 * 2
     assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False  # missing: flag defaults
-    # the effective values are written back, so the rest of the run sees what DeepSpeed runs
-    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed,
-            args.weight_decay, args.adam_beta1, args.max_grad_norm) == (2e-4, 4, 3, 7, 0.1, 0.8, 0.5)
+    # the arguments are read, never written: the run plan reads the effective values from this dict
+    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == (
+        2e-4, 8, 3, 42)
 
 
-def test_precision_flags_choose_one_precision(tmp_path, cpu_bf16):
-    cpu_bf16(True)
+def test_precision_flags_choose_one_precision(tmp_path):
     bf16_json = write_json(tmp_path, {"bf16": {"enabled": True}})
     assert resolve_ds_config(targs(tmp_path, "--deepspeed_config", bf16_json, "--bf16", "false"), 1)["bf16"]["enabled"] is False
     config = resolve_ds_config(targs(tmp_path, "--deepspeed_config", "zero0.json", "--bf16"), 1)
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_fp16_on_a_cpu_runs_bf16_where_native_else_fp32_with_one_warning(tmp_path, caplog, cpu_bf16, native):
-    from deepspeed.accelerator import get_accelerator
-
-    assert not get_accelerator().is_fp16_supported()  # the premise (shared/notes/deepspeed-on-cpu.md)
-    cpu_bf16(native)
-    args = targs(tmp_path, "--fp16")  # over zero2.json, whose bf16 is on: the flag names the precision
-    with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
-        config = resolve_ds_config(args, world_size=1)
-    assert config["fp16"]["enabled"] is False and config["bf16"]["enabled"] is native
-    assert args.bf16 is native and args.fp16 is False
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["fp16 is not supported on this cpu: training in bf16 instead (pass --bf16 to say so)" if native
-                        else "fp16 is not supported on this cpu: training in fp32 instead (emulated without "
-                             "AVX512-BF16 or AMX, 10-40x slower than fp32)"]
-
-
-def test_bf16_on_a_cpu_that_emulates_it_runs_fp32_with_one_warning(tmp_path, caplog, cpu_bf16):
-    cpu_bf16(False)
-    with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
-        config = resolve_ds_config(targs(tmp_path), world_size=1)  # zero2.json: bf16 on
-    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "bf16 is emulated without AVX512-BF16 or AMX, 10-40x slower than fp32 on this cpu: training in fp32"]
-
-
-def test_bf16_native_asks_onednn_on_a_cpu(monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-
-    from ds_mlm.ds_config import bf16_native
-
-    for answer in (True, False):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda answer=answer: answer)
-        assert bf16_native(get_accelerator()) is answer  # not DeepSpeed's CPU answer, which is always yes
-
-
-def test_fp16_kept_where_the_device_supports_it(tmp_path, monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-
-    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # as on a GPU
-    config = resolve_ds_config(targs(tmp_path, "--deepspeed_config", "zero2_fp16.json"), world_size=1)
-    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
-    assert config["fp16"]["loss_scale"] == 0  # dynamic loss scale
+def test_fp16_flag_turns_the_jsons_bf16_off(tmp_path):
+    config = resolve_ds_config(targs(tmp_path, "--fp16"), world_size=1)  # over zero2.json, whose bf16 is on
+    assert (config["fp16"]["enabled"], config["bf16"]["enabled"]) == (True, False)
+    assert requested_precision(config) == "fp16"  # what the device then makes of it: test_precision.py
 
 
 def test_inconsistent_batch_is_one_line_naming_the_numbers_and_the_flag(tmp_path):
@@ -188,28 +135,6 @@ def test_json_scheduler_block_gets_its_auto_values(tmp_path):
     assert params == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5, "total_num_steps": 50}
 
 
-def test_written_config_is_the_resolved_one(tmp_path):
-    config = resolve_ds_config(targs(tmp_path), 1)
-    path = write_resolved_config(config, str(tmp_path / "out"))
-    assert json.loads(open(path).read()) == config
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ds_config.json"]  # no temp file left
-
-
-def test_param_groups_spare_biases_and_layernorm_from_weight_decay():
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    model = RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32))
-    decay, plain = param_groups(model, 0.01)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
-    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] or "layer_norm" in names[id(p)]
-               for p in plain["params"])
-    assert all(p.dim() == 2 for p in decay["params"])  # the matrices and embeddings, nothing else
-    assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
-    assert any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-
-
 def test_a_json_scheduler_without_warmup_keys_follows_the_flags(tmp_path):
     path = write_json(tmp_path, {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3}}})
     config = resolve_ds_config(targs(tmp_path, "--deepspeed_config", path, "--warmup_steps", "7", "--max_steps", "50",
@@ -225,3 +150,47 @@ def test_malformed_betas_are_one_line(tmp_path):
     path = write_json(tmp_path, {"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}})
     with pytest.raises(UserError, match="optimizer.params.betas must be a list of two numbers"):
         resolve_ds_config(targs(tmp_path, "--deepspeed_config", path), world_size=1)
+
+
+@pytest.mark.parametrize("optimizer, match", [
+    ({"type": "Lamb"}, "optimizer Lamb has no CPU kernel in DeepSpeed .it needs a GPU.: use \"type\": \"AdamW\""),
+    ({"type": "AdamX"}, "unknown optimizer type 'AdamX': use AdamW"),
+    ({"type": "AdamW", "params": {"lr": -1e-4}}, "optimizer.params.lr is -0.0001: the learning rate must be a positive number"),
+    ({"type": "AdamW", "params": {"lr": 0}}, "optimizer.params.lr is 0: the learning rate must be a positive number"),
+])
+def test_optimizers_deepspeed_would_reject_late_are_one_line(tmp_path, optimizer, match):
+    path = write_json(tmp_path, {"optimizer": optimizer})
+    with pytest.raises(UserError, match=match):
+        resolve_ds_config(targs(tmp_path, "--deepspeed_config", path), world_size=1, device="cpu")
+
+
+def test_a_gpu_only_optimizer_passes_on_a_gpu_and_torch_optimizers_pass_everywhere(tmp_path):
+    lamb = write_json(tmp_path, {"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}}, name="lamb.json")
+    assert resolve_ds_config(targs(tmp_path, "--deepspeed_config", lamb), 1, device="cuda")["optimizer"]["type"] == "Lamb"
+    sgd = write_json(tmp_path, {"optimizer": {"type": "SGD", "params": {"lr": 1e-3}}}, name="sgd.json")
+    assert resolve_ds_config(targs(tmp_path, "--deepspeed_config", sgd), 1)["optimizer"]["type"] == "SGD"
+
+
+def test_unknown_scheduler_type_is_one_line(tmp_path):
+    path = write_json(tmp_path, {"scheduler": {"type": "WarmupDecayLRR", "params": {}}})
+    with pytest.raises(UserError, match="unknown scheduler type 'WarmupDecayLRR': use one of LRRangeTest, .*WarmupDecayLR"):
+        resolve_ds_config(targs(tmp_path, "--deepspeed_config", path), world_size=1)
+
+
+def test_unknown_top_level_key_is_a_warning_naming_the_closest(tmp_path, caplog):
+    path = write_json(tmp_path, {"trian_batch_size": 8, "zero_optimisation": {"stage": 1}, "xyzzy": 1})
+    with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
+        resolve_ds_config(targs(tmp_path, "--deepspeed_config", path), world_size=1)
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warnings == [f"ds_config: {path}: unknown key \"trian_batch_size\" is ignored (did you mean "
+                        "\"train_batch_size\"?)",
+                        f"ds_config: {path}: unknown key \"xyzzy\" is ignored",
+                        f"ds_config: {path}: unknown key \"zero_optimisation\" is ignored (did you mean "
+                        "\"zero_optimization\"?)"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_have_no_unknown_key(name, caplog):
+    with caplog.at_level(logging.WARNING, logger="ds_mlm.ds_config"):
+        resolve_ds_config(parse_args(["--train_dir", ".", "--output_dir", "o", "--deepspeed_config", name])[2], 1)
+    assert not [r for r in caplog.records if "unknown key" in r.getMessage()]

@@ -1,7 +1,8 @@
 """The training loop: loss falls, HF's lr schedule, gradient accumulation, evaluation, fp16 on CPU, exact resume.
 
-In-process tests run a world of one on a list-backed dataset; the resume test goes through the real deepspeed
-launcher with 2 ranks (ZeRO-2 bf16), crashing one run after a checkpoint and comparing the jsonl loss sequences.
+In-process tests run a world of one on a list-backed dataset, assembled exactly as run_mlm does
+(`run_mlm.setup_training`); the resume test goes through the real deepspeed launcher with 2 ranks (ZeRO-2), crashing
+one run after a checkpoint and comparing the jsonl loss sequences.
 """
 
 import json
@@ -54,21 +55,27 @@ def data(bpe_tokenizer_dir):
 
 
 def make_trainer(tmp_path, data, world, *flags, eval_set=True):
-    from transformers import set_seed
-
     from ds_mlm.ds_config import resolve_ds_config
-    from ds_mlm.model import build_model
-    from ds_mlm.trainer import Trainer
+    from ds_mlm.model import resolve_config
+    from ds_mlm.precision import this_device
+    from ds_mlm.run_mlm import setup_training
 
     tokenizer, train, evaluation = data
     model_args, data_args, args = parse_args(
         ["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture", "roberta-tiny",
          "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
-    config = resolve_ds_config(args, world_size=world.world_size)
-    set_seed(args.seed)
-    model = build_model(model_args, tokenizer, SEQ)
-    return Trainer(model=model, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation if eval_set else None,
-                   args=args, data_args=data_args, ds_config=config, dist=world)
+    device = this_device()
+    ds_json = resolve_ds_config(args, world.world_size, device.name)
+    config = resolve_config(model_args, tokenizer, SEQ)
+    return setup_training(model_args, data_args, args, tokenizer, config, ds_json, device, world, train,
+                          {"eval": evaluation} if eval_set else None)
+
+
+def train(trainer):
+    from ds_mlm.signals import StopOnSignal
+
+    with StopOnSignal(False) as stop:
+        return trainer.train(stop)
 
 
 def read_log(out):
@@ -78,7 +85,7 @@ def read_log(out):
 def test_loss_falls_over_100_steps(tmp_path, data, world_of_one):
     trainer = make_trainer(tmp_path, data, world_of_one, "--max_steps", "100", "--learning_rate", "1e-3",
                            "--warmup_steps", "10", "--logging_steps", "1", eval_set=False)
-    trainer.train()
+    train(trainer)
     losses = [r["loss"] for r in read_log(tmp_path / "out")]
     assert len(losses) == 100
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -95,7 +102,7 @@ def test_lr_schedule_is_hfs_and_steps_count_accumulated_micro_batches(tmp_path, 
                            "--warmup_steps", str(warmup), "--gradient_accumulation_steps", str(grad_acc),
                            "--per_device_train_batch_size", str(micro), "--logging_steps", "1",
                            "--lr_scheduler_type", schedule, "--deepspeed_config", "zero0.json", eval_set=False)
-    trainer.train()
+    train(trainer)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     hf = get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=steps)
     expected = []
@@ -107,27 +114,26 @@ def test_lr_schedule_is_hfs_and_steps_count_accumulated_micro_batches(tmp_path, 
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert trainer.engine.global_steps == steps and trainer.engine.micro_steps == steps * grad_acc
-    assert trainer.sampler.consumed_samples == steps * grad_acc * micro
+    assert trainer.position["consumed_samples"] == steps * grad_acc * micro
     assert all(r["grad_norm"] > 0 for r in records)  # ZeRO-0 fp32 reports a norm too
 
 
 def test_evaluation_covers_the_eval_set_deterministically(tmp_path, data, world_of_one):
-    from ds_mlm.trainer import masked_lm_loss
-
     trainer = make_trainer(tmp_path, data, world_of_one, "--max_steps", "4", "--logging_steps", "2",
                            "--evaluation_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "3",
                            "--deepspeed_config", "zero0.json")
-    trainer.train()
+    train(trainer)
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second and first["perplexity"] == pytest.approx(math.exp(first["eval_loss"]))
     # the same number by hand: every eval sample once, masked with the fixed eval seed at epoch 0
     evaluation = data[2]
+    assert trainer.eval_collator.seed == 1234
     total, count = 0.0, 0
     trainer.engine.eval()
     with torch.no_grad():
         for i in range(len(evaluation)):
             batch = trainer.eval_collator(evaluation.__getitems__([i]), [i], 0)
-            s, c = masked_lm_loss(trainer.engine, batch)
+            s, c = trainer.engine(**batch)
             total, count = total + float(s), count + int(c)
     trainer.engine.train()
     assert first["eval_loss"] == pytest.approx(total / count, rel=1e-6)
@@ -141,7 +147,7 @@ def test_every_zero_stage_trains(tmp_path, data, world_of_one, config):
                            "--logging_steps", "1", "--learning_rate", "2e-3", "--gradient_accumulation_steps", "2",
                            eval_set=False)
     before = [p.detach().clone() for p in trainer.engine.module.parameters()][:3]
-    trainer.train()
+    train(trainer)
     assert trainer.engine.zero_optimization_stage() == int(config[4])
     records = read_log(tmp_path / "out")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -159,7 +165,7 @@ def test_fp16_on_cpu_trains_in_bf16_or_fp32_with_a_warning(tmp_path, data, world
     assert f"fp16 is not supported on this cpu: training in {mixed} instead" in caplog.text
     assert trainer.engine.bfloat16_enabled() is (mixed == "bf16") and not trainer.engine.fp16_enabled()
     assert trainer.engine.zero_optimization_stage() == 1
-    trainer.train()
+    train(trainer)
     assert len(read_log(tmp_path / "out")) == 3
     assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["bf16"]["enabled"] is (mixed == "bf16")
 
@@ -174,7 +180,7 @@ def test_resume_inside_a_logging_window_in_process(tmp_path, data, world_of_one,
 
     flags = ("--max_steps", "8", "--logging_steps", "2", "--save_steps", "3", "--learning_rate", "2e-3",
              "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4")
-    make_trainer(tmp_path / "a", data, world_of_one, *flags, eval_set=False).train()
+    train(make_trainer(tmp_path / "a", data, world_of_one, *flags, eval_set=False))
     logged = Trainer._log_step
 
     def crash(self, *args, **kwargs):
@@ -184,11 +190,11 @@ def test_resume_inside_a_logging_window_in_process(tmp_path, data, world_of_one,
 
     monkeypatch.setattr(Trainer, "_log_step", crash)
     with pytest.raises(Crash):
-        make_trainer(tmp_path / "b", data, world_of_one, *flags, eval_set=False).train()
+        train(make_trainer(tmp_path / "b", data, world_of_one, *flags, eval_set=False))
     monkeypatch.setattr(Trainer, "_log_step", logged)
     resumed = make_trainer(tmp_path / "b", data, world_of_one, *flags, eval_set=False)
-    assert resumed.resume_path == str(tmp_path / "b" / "out" / "checkpoint-3")
-    resumed.train()
+    assert resumed.resumed and resumed.global_step == 3
+    train(resumed)
 
     def numbers(out):
         return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_log(out)]
@@ -249,7 +255,8 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
     run(launcher(REPO / "ds_mlm" / "run_mlm.py", *args(crashed)))  # resumes from checkpoint-3 by itself
 
     def numbers(out):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s")} for r in read_log(out)]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s", "data_wait")}
+                for r in read_log(out)]
 
     assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
     assert numbers(crashed) == numbers(straight)  # losses, lrs, grad norms and eval losses: equal, not close
@@ -285,7 +292,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
 def test_whole_word_mask_flag_reaches_both_collators(tmp_path, data, world_of_one):
     plain = make_trainer(tmp_path / "a", data, world_of_one, "--max_steps", "1", eval_set=False)
     whole = make_trainer(tmp_path / "b", data, world_of_one, "--max_steps", "1", "--whole_word_mask", eval_set=False)
-    assert plain.collator.word_start is None and plain.eval_collator.word_start is None
-    starts = whole.collator.word_start
+    assert plain.loader.collator.word_start is None and plain.eval_collator.word_start is None
+    starts = whole.loader.collator.word_start
     assert starts is not None and whole.eval_collator.word_start is not None
     assert 0 < starts.sum() < len(starts)  # byte-level BPE: the Ġ pieces start words, the others continue them

@@ -1,0 +1,196 @@
+"""The run plan: every effective setting of a run, derived once, by pure functions, from the flags, the ds_config
+JSON, the device, the world and the data. Every module reads the plan; nothing writes back into the arguments.
+
+    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world_size, train_samples, config)
+    plan.ds_config            # the dict deepspeed.initialize gets (also written to OUTPUT_DIR/ds_config.json)
+    plan.to_dict()            # saved in every checkpoint's trainer_state.json
+    refusals, notes = compare(saved_plan_dict, plan)   # on resume: what the run follows, warns about or refuses
+
+What a resumed run does with a setting that changed since the checkpoint (one line each):
+
+    follows   learning_rate, weight_decay, betas, eps, max_grad_norm, schedule, warmup_steps, max_steps,
+              mlm_probability, whole_word_mask: the optimizer and the schedule take the new values from the next
+              step (optim.py)
+    elastic   world_size, micro_batch, grad_accumulation (same global batch): the same samples per step
+              (sampler.py); another world size loads ZeRO partitions through a universal checkpoint (checkpointer.py)
+    warns     global_batch: training goes on from the samples consumed, steps count batches of the new size
+    refuses   precision, zero_stage, optimizer, seed, train_samples, seq_length, model (its shapes): the
+              checkpoint's state does not fit (export it and warm-start instead)
+"""
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Tuple
+
+from ds_mlm.ds_config import AUTO, find_config, leftover_auto, requested_precision
+from ds_mlm.errors import UserError
+from ds_mlm.precision import Device, choose
+
+MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    """Processes in the job."""
+    micro_batch: int
+    """Samples per micro-batch per process."""
+    grad_accumulation: int
+    """Micro-batches per optimizer step per process."""
+    global_batch: int
+    """Samples per optimizer step: micro_batch x grad_accumulation x world_size."""
+    seq_length: int
+    """Ids per sample at most (--max_seq_length)."""
+    precision: str
+    """What the run trains in (fp32, bf16, fp16), after the device had its say (precision.py)."""
+    zero_stage: int
+    """ZeRO stage 0-3."""
+    optimizer: str
+    """The JSON's optimizer type (AdamW unless it says otherwise)."""
+    learning_rate: float
+    """Peak learning rate."""
+    weight_decay: float
+    """Weight decay of the decay group (biases and LayerNorm weights get none)."""
+    betas: Tuple[float, float]
+    """Adam betas."""
+    eps: float
+    """Adam epsilon."""
+    max_grad_norm: float
+    """Gradient clipping norm (0: none)."""
+    schedule: str
+    """linear, cosine, constant_with_warmup (HF's), or deepspeed:<type> for a JSON scheduler block."""
+    warmup_steps: int
+    """Warm-up steps of the schedule."""
+    max_steps: int
+    """Optimizer steps of the whole run."""
+    steps_per_epoch: int
+    """Optimizer steps in one pass over the training set (its ragged tail dropped)."""
+    train_samples: int
+    """Samples in the training set."""
+    seed: int
+    """Seed of the model init, the sample order and the masking."""
+    mlm_probability: float
+    """Share of tokens masked."""
+    whole_word_mask: bool
+    """Whole-word masking."""
+    model: dict
+    """The model's shapes (MODEL_SHAPE of its config)."""
+    output_dir: str
+    """Checkpoints, logs and the final model."""
+    logging_dir: str
+    """TensorBoard events."""
+    device: str
+    """The accelerator (cpu, cuda, ...)."""
+    ds_config: dict = field(repr=False)
+    """The final DeepSpeed config: the JSON with the flags, the precision and the step count filled in."""
+
+    @property
+    def epochs(self) -> float:
+        return self.max_steps / max(self.steps_per_epoch, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("ds_config")
+        out["betas"] = list(self.betas)
+        return out
+
+
+def _max_steps(train_args, steps_per_epoch: int) -> int:
+    if train_args.max_steps > 0:
+        return train_args.max_steps
+    return max(math.ceil(train_args.num_train_epochs * steps_per_epoch), 1)
+
+
+def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps: int, source: str) -> dict:
+    config = copy.deepcopy(ds_json)
+    config["fp16"]["enabled"], config["bf16"]["enabled"] = precision == "fp16", precision == "bf16"
+    params = config["optimizer"]["params"]
+    offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if str(config["optimizer"]["type"]).lower() in ("adam", "adamw") and not offload:
+        # torch.optim.AdamW(fused=True): nothing to JIT-compile (DeepSpeed's FusedAdam takes ~50 s on CPU and does
+        # not resume bit-exactly there), and on CPU 5x faster per step than the foreach one (bench/train.py)
+        if params.setdefault("torch_adam", True):
+            params.setdefault("fused", True)
+    sched = config.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == AUTO:
+        sched["total_num_steps"] = max_steps
+    leftover = leftover_auto(config)
+    if leftover:
+        raise UserError(f"{source}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
+    return config
+
+
+def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, world_size: int,
+              train_samples: int, model_config) -> Tuple[RunPlan, Optional[str]]:
+    """(the plan of this run, the warning to print once when the device changed the precision, or None)."""
+    source = find_config(train_args.deepspeed_config)
+    precision, warning = choose(requested_precision(ds_json), device)
+    global_batch = ds_json["train_batch_size"]
+    steps_per_epoch = max(train_samples // global_batch, 1)
+    max_steps = _max_steps(train_args, steps_per_epoch)
+    opt = ds_json["optimizer"]
+    params = opt["params"]
+    sched = ds_json.get("scheduler")
+    plan = RunPlan(
+        world_size=world_size, micro_batch=ds_json["train_micro_batch_size_per_gpu"],
+        grad_accumulation=ds_json["gradient_accumulation_steps"], global_batch=global_batch,
+        seq_length=data_args.max_seq_length, precision=precision, zero_stage=ds_json["zero_optimization"]["stage"],
+        optimizer=str(opt["type"]), learning_rate=float(params["lr"]),
+        weight_decay=float(params.get("weight_decay", 0.0)),
+        betas=tuple(float(b) for b in params.get("betas", (train_args.adam_beta1, train_args.adam_beta2))),
+        eps=float(params.get("eps", train_args.adam_epsilon)), max_grad_norm=float(ds_json["gradient_clipping"]),
+        schedule=f"deepspeed:{sched['type']}" if sched else train_args.lr_scheduler_type,
+        warmup_steps=int(sched["params"].get("warmup_num_steps", 0)) if sched else train_args.warmup_steps,
+        max_steps=max_steps, steps_per_epoch=steps_per_epoch, train_samples=train_samples, seed=ds_json["seed"],
+        mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask,
+        model={k: getattr(model_config, k) for k in MODEL_SHAPE}, output_dir=train_args.output_dir,
+        logging_dir=train_args.logging_dir, device=device.name,
+        ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source))
+    return plan, warning
+
+
+# -- resume ---------------------------------------------------------------------------------------------------------
+
+FOLLOW = ("learning_rate", "weight_decay", "betas", "eps", "max_grad_norm", "schedule", "warmup_steps", "max_steps",
+          "mlm_probability", "whole_word_mask")
+ELASTIC = ("world_size", "micro_batch", "grad_accumulation")
+REFUSE = ("precision", "zero_stage", "optimizer", "seed", "train_samples", "seq_length", "model")
+_FLAG = {"learning_rate": "--learning_rate", "weight_decay": "--weight_decay", "betas": "--adam_beta1/2",
+         "eps": "--adam_epsilon", "max_grad_norm": "--max_grad_norm", "schedule": "--lr_scheduler_type",
+         "warmup_steps": "--warmup_steps", "max_steps": "--max_steps", "mlm_probability": "--mlm_probability",
+         "whole_word_mask": "--whole_word_mask", "seed": "--seed", "seq_length": "--max_seq_length",
+         "precision": "--fp16/--bf16 or the ds_config", "zero_stage": "the ds_config's ZeRO stage",
+         "optimizer": "the ds_config's optimizer", "train_samples": "the training data", "model": "the model"}
+
+
+def compare(saved: dict, plan: RunPlan):
+    """(refusals, notes): one line per setting that differs from the checkpoint's plan (module docstring)."""
+    now = plan.to_dict()
+    refusals, notes = [], []
+    for key in REFUSE:
+        if key in saved and saved[key] != now[key]:
+            old, new = saved[key], now[key]
+            if isinstance(old, dict):  # name only the shapes that differ
+                differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
+            refusals.append(f"{_FLAG[key]}: {_show(key, old)} in the checkpoint, {_show(key, new)} now")
+    for key in FOLLOW:
+        if key in saved and saved[key] != now[key]:
+            notes.append(f"{_FLAG[key]} changed from {_show(key, saved[key])} to {_show(key, now[key])}: the run "
+                         "follows the new value")
+    if saved.get("global_batch", plan.global_batch) != plan.global_batch:
+        notes.append(f"the global batch changed from {saved['global_batch']} to {plan.global_batch} samples: "
+                     "training goes on from the samples consumed, and steps now count batches of "
+                     f"{plan.global_batch}")
+    elif any(saved.get(k, now[k]) != now[k] for k in ELASTIC):
+        was = "x".join(str(saved.get(k)) for k in ("micro_batch", "grad_accumulation", "world_size"))
+        notes.append(f"micro batch x accumulation x processes changed from {was} to {plan.micro_batch}x"
+                     f"{plan.grad_accumulation}x{plan.world_size} at the same global batch of {plan.global_batch}: "
+                     "every step trains on the same samples as before")
+    return refusals, notes
+
+
+def _show(key, value) -> str:
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
