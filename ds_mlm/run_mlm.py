@@ -22,7 +22,7 @@ import logging  # noqa: E402
 from ds_mlm import atomic, distributed, precision, preflight  # noqa: E402
 from ds_mlm.args import parse_args  # noqa: E402
 from ds_mlm.ds_config import resolve_ds_config  # noqa: E402
-from ds_mlm.errors import UserError, cli  # noqa: E402
+from ds_mlm.errors import cli  # noqa: E402
 from ds_mlm.lock import DirLock  # noqa: E402
 from ds_mlm.model import count_parameters, resolve_config  # noqa: E402
 from ds_mlm.prepare import prepare_datasets  # noqa: E402
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
         train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
         trainer = setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist,
                                  train_ds, eval_ds)
-        code = train(trainer, tokenizer, train_args.save_on_signal)
-    distributed.shutdown()
-    return code
+        return train(trainer, tokenizer, train_args.save_on_signal)
 
 
 def setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist, train_ds, eval_ds):
@@ -163,7 +161,13 @@ def build_dataset(argv=None) -> int:
     return main([*(sys.argv[1:] if argv is None else argv), "--build_dataset_only"])
 
 
-cli_main = cli(main)
+def _command(argv=None) -> int:
+    code = main(argv)
+    distributed.shutdown()  # a process about to exit: leave the group cleanly (a library caller keeps it)
+    return code
+
+
+cli_main = cli(_command)
 build_dataset_main = cli(build_dataset)
 
 if __name__ == "__main__":

@@ -103,3 +103,59 @@ def deepspeed_cmd(*script_args, num_procs: int = 1, port: int | None = None) -> 
     """The real deepspeed launcher on localhost, running run_mlm.py as a file (as users do)."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
             str(port or free_port()), str(REPO / "ds_mlm" / "run_mlm.py"), *script_args]
+
+
+def launcher_cmd(script, *args, num_procs: int = 1, port: int | None = None) -> list:
+    """The real deepspeed launcher on localhost running `script` (run_mlm.py or a wrapper around it)."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
+            str(port or free_port()), str(script), *args]
+
+
+def read_log(out) -> list:
+    """The records of OUTPUT_DIR/train_log.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+TIMING = ("tokens_per_s", "samples_per_s", "data_wait")
+
+
+def numbers(out) -> list:
+    """The log's records without their timing fields: what must be equal between two runs of the same steps."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(out)]
+
+
+CRASH_AFTER_STEP = """
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from ds_mlm.trainer import Trainer
+logged = Trainer._log_step
+def crash(self, *args, **kwargs):
+    logged(self, *args, **kwargs)
+    if self.global_step == {stop}:
+        os._exit(3)  # a hard crash after a logged step: no cleanup, no save
+Trainer._log_step = crash
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def crash_after_step(folder, step: int) -> Path:
+    """A run_mlm.py that dies (os._exit, no save) right after logging optimizer step `step`."""
+    script = Path(folder) / f"crash_after_step_{step}.py"
+    script.write_text(CRASH_AFTER_STEP.format(repo=str(REPO), stop=step, script=str(REPO / "ds_mlm" / "run_mlm.py")))
+    return script
+
+
+@pytest.fixture(scope="session")
+def no_dropout_config(tmp_path_factory) -> Path:
+    """roberta-tiny's shapes without dropout, as a --config_name JSON: runs that must follow one trajectory."""
+    from transformers import RobertaConfig
+
+    from ds_mlm.model import _COMMON, PRESETS
+
+    path = tmp_path_factory.mktemp("configs") / "roberta-tiny-no-dropout.json"
+    RobertaConfig(**{**_COMMON, **PRESETS["roberta-tiny"], "hidden_dropout_prob": 0.0,
+                     "attention_probs_dropout_prob": 0.0}).to_json_file(str(path))
+    return path

@@ -6,7 +6,7 @@ import torch
 
 from ds_mlm.collator import IGNORE_INDEX, MLMCollator, word_starts
 from ds_mlm.errors import UserError
-from ds_mlm.sampler import ResumableDistributedSampler
+from ds_mlm.sampler import GlobalBatchSampler
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
 SPECIAL = [BOS, PAD, EOS, UNK, MASK]
@@ -72,9 +72,9 @@ def test_masking_is_the_same_whatever_the_world_size():
     for micro, world in ((8, 1), (4, 2), (2, 4)):
         seen = {}
         for rank in range(world):
-            sampler = ResumableDistributedSampler(40, micro, rank, world, seed=3)
-            for _ in range(12):  # 2.4 epochs of 5 global micro-batches
-                epoch, indices = next(iter(sampler))
+            sampler = GlobalBatchSampler(40, 8, micro, rank, world, seed=3)
+            for _ in range(12):  # 2.4 epochs of 5 global batches
+                epoch, (indices,), _ = sampler.next_step()
                 batch = c([samples[i] for i in indices], indices, epoch)
                 for r, i in enumerate(indices):
                     seen[epoch, i] = batch["input_ids"][r, :len(samples[i])].tolist()

@@ -6,7 +6,6 @@ import logging
 import os
 
 import pytest
-import torch
 
 from ds_mlm.args import parse_args
 from ds_mlm.ds_config import find_config, requested_precision, resolve_ds_config, shipped_config_dirs

@@ -7,7 +7,6 @@ tests/test_trainer.py. The disk tests mount small tmpfs file systems (the suite 
 is not permitted they are skipped, saying so.
 """
 
-import json
 import shutil
 import signal
 import subprocess
@@ -16,13 +15,13 @@ import uuid
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, numbers, run
 
 KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
-from ds_mlm import checkpoint
+from ds_mlm import checkpointer
 
 target = os.sep + "checkpoint-{step}" + os.sep
 where = {where!r}
@@ -36,12 +35,12 @@ if where == "inside DeepSpeed's save":  # part of a state file written, then SIG
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
 else:  # every file written, SIGKILL just before the COMPLETE marker
-    real_write = checkpoint.atomic_write_text
+    real_write = checkpointer.atomic.write_text
     def write(path, text):
-        if target in path and path.endswith(checkpoint.MARKER):
+        if target in path and path.endswith(checkpointer.MARKER):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_write(path, text)
-    checkpoint.atomic_write_text = write
+    checkpointer.atomic.write_text = write
 from ds_mlm.run_mlm import cli_main
 cli_main(sys.argv[1:])
 """
@@ -52,14 +51,6 @@ def train_args(tok, train, evaluation, out, cache, steps=6):
             "--datasets_cache_dir", cache, "--architecture", "roberta-tiny", "--max_seq_length", "64",
             "--per_device_train_batch_size", "4", "--max_steps", str(steps), "--save_steps", "2", "--logging_steps",
             "1", "--save_total_limit", "1", "--learning_rate", "2e-3", "--deepspeed_config", "zero0.json"]
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def numbers(out):
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s")} for r in read_log(out)]
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,32 @@ def read_scalars(logdir) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_window_means_and_restores():
+def test_window_is_per_masked_token_and_restores_on_its_holder_only():
     w = Window(torch.device("cpu"))
-    for loss in (2.0, 4.0, 6.0):
-        w.add(torch.tensor(loss), tokens=100, samples=2)
+    for loss_sum, masked in ((20.0, 10), (40.0, 10), (30.0, 20)):  # micro-batch sums of the masked tokens' CE
+        w.add_loss(torch.tensor(loss_sum))
+        w.add_step(masked=masked, tokens=100, samples=2, waited=0.5)
     saved = w.state_dict()
     seconds = saved.pop("seconds")
-    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6} and seconds >= 0
+    assert saved == {"loss_sum": 90.0, "masked": 40, "tokens": 300, "samples": 6, "waited": 1.5} and seconds >= 0
     other = Window(torch.device("cpu"))
-    other.load_state_dict({**saved, "seconds": 1000.0})  # the window had run 1000 s before the stop
+    other.load_state_dict({**saved, "seconds": 1000.0}, holder=True)  # the window had run 1000 s before the stop
     summary = other.summary()
-    assert summary["loss"] == 4.0
+    assert summary["loss"] == 90.0 / 40  # per masked token, not the mean of the micro-batch means (2.5, not 2.25)
     assert 0.29 < summary["tokens_per_s"] <= 0.3 and 0.0059 < summary["samples_per_s"] <= 0.006  # 300 / 1000 s
+    assert summary["data_wait"] == pytest.approx(1.5 / 1000, rel=1e-3)
     after = other.state_dict()
     assert after.pop("seconds") < 1.0  # reset: a new window starts now
-    assert after == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0}
+    assert after == {"loss_sum": 0.0, "masked": 0, "tokens": 0, "samples": 0, "waited": 0.0}
+    not_holder = Window(torch.device("cpu"))
+    not_holder.load_state_dict({**saved, "seconds": 10.0}, holder=False)  # another rank: the sums are rank 0's
+    assert not_holder.masked == 0 and not_holder.loss_sum.item() == 0.0
 
 
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     w = MetricsWriter(str(out), str(runs), rank=0)
+    assert not out.exists()  # opened at the first write: a run that fails before it leaves the old log alone
     w.write({"step": 1, "loss": 7.0, "lr": 1e-4, "grad_norm": 2.0, "tokens_per_s": 10.0, "samples_per_s": 1.0})
     cut = w.position()
     w.write({"step": 2, "loss": 6.5, "lr": 2e-4, "grad_norm": None, "tokens_per_s": 11.0, "samples_per_s": 1.1})
@@ -62,6 +68,18 @@ def test_other_ranks_write_nothing(tmp_path):
     w.write({"step": 1, "loss": 1.0})
     w.close()
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sources_get_their_own_curves(tmp_path):
+    w = MetricsWriter(str(tmp_path / "out"), str(tmp_path / "runs"), rank=0)
+    w.write({"step": 3, "loss": 1.0, "samples_by_source": {"news": 10, "web": 6}})
+    w.write({"step": 3, "eval_loss": 2.0, "perplexity": 7.4,
+             "eval_by_source": {"news": {"eval_loss": 1.5, "perplexity": 4.5}, "web": {"eval_loss": 2.5, "perplexity": 12.2}}})
+    w.close()
+    scalars = read_scalars(tmp_path / "runs")
+    assert scalars["data/samples/news"] == [(3, 10.0)] and scalars["eval/web/loss"] == [(3, 2.5)]
+    assert format_record({"step": 3, "loss": 1.0, "samples_by_source": {"a": 1}, "data_wait": 0.004}) == \
+        "step 3 | loss 1.0000 | data_wait 0.4%"
 
 
 def test_stdout_line():

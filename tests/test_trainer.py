@@ -9,12 +9,11 @@ import json
 import logging
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, cpu_mixed_precision, free_port, run
+from conftest import REPO, cpu_mixed_precision, crash_after_step, launcher_cmd, numbers, read_log, run
 from ds_mlm.args import parse_args
 
 SEQ = 64
@@ -76,10 +75,6 @@ def train(trainer):
 
     with StopOnSignal(False) as stop:
         return trainer.train(stop)
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_over_100_steps(tmp_path, data, world_of_one):
@@ -203,26 +198,7 @@ def test_resume_inside_a_logging_window_in_process(tmp_path, data, world_of_one,
     assert numbers(tmp_path / "b" / "out") == numbers(tmp_path / "a" / "out")
 
 
-# -- through the real launcher: 2 ranks, ZeRO-2 bf16, a crash, a resume ---------------------------------------------
-
-CRASH_AFTER_STEP = """
-import os, runpy, sys
-sys.path.insert(0, {repo!r})
-from ds_mlm.trainer import Trainer
-logged = Trainer._log_step
-def crash(self, *args, **kwargs):
-    logged(self, *args, **kwargs)
-    if self.global_step == {stop}:
-        os._exit(3)  # a hard crash after a logged step: no cleanup, no save
-Trainer._log_step = crash
-sys.argv = [{script!r}, *sys.argv[1:]]
-runpy.run_path({script!r}, run_name="__main__")
-"""
-
-
-def launcher(script, *args, num_procs=2):
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
-            str(free_port()), str(script), *args]
+# -- through the real launcher: 2 ranks, ZeRO-2, a crash, a resume ------------------------------------------------
 
 
 def shm_files():
@@ -245,18 +221,12 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
                 "--deepspeed_config", ds_json, "--learning_rate", "2e-3"]
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run(launcher(REPO / "ds_mlm" / "run_mlm.py", *args(straight)))
-    wrapper = tmp_path / "crash_after_step.py"
-    wrapper.write_text(CRASH_AFTER_STEP.format(repo=str(REPO), stop=5, script=str(REPO / "ds_mlm" / "run_mlm.py")))
-    proc = run(launcher(wrapper, *args(crashed)), check=False)
+    run(launcher_cmd(REPO / "ds_mlm" / "run_mlm.py", *args(straight), num_procs=2))
+    proc = run(launcher_cmd(crash_after_step(tmp_path, 5), *args(crashed), num_procs=2), check=False)
     assert proc.returncode != 0
     assert [r["step"] for r in read_log(crashed)] == [1, 2, 3, 4, 4, 5]  # step 4 has a train and an eval record
     assert (crashed / "latest_checkpoint").read_text() == "checkpoint-3\n"
-    run(launcher(REPO / "ds_mlm" / "run_mlm.py", *args(crashed)))  # resumes from checkpoint-3 by itself
-
-    def numbers(out):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s", "data_wait")}
-                for r in read_log(out)]
+    run(launcher_cmd(REPO / "ds_mlm" / "run_mlm.py", *args(crashed), num_procs=2))  # resumes from checkpoint-3
 
     assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
     assert numbers(crashed) == numbers(straight)  # losses, lrs, grad norms and eval losses: equal, not close
@@ -296,3 +266,35 @@ def test_whole_word_mask_flag_reaches_both_collators(tmp_path, data, world_of_on
     starts = whole.loader.collator.word_start
     assert starts is not None and whole.eval_collator.word_start is not None
     assert 0 < starts.sum() < len(starts)  # byte-level BPE: the Ġ pieces start words, the others continue them
+
+
+def test_resume_with_another_micro_batch_at_the_same_global_batch_follows_the_same_trajectory(
+        tmp_path, data, world_of_one, monkeypatch, no_dropout_config):
+    """8 steps of 4 x 2 straight; 4 x 2 up to a checkpoint at step 4, then 8 x 1 and 2 x 4: the same losses up to
+    reduction order (the loss is normalised over the whole global batch, not per micro-batch)."""
+    from ds_mlm.trainer import Trainer
+
+    def flags(micro, acc):
+        return ("--config_name", str(no_dropout_config), "--max_steps", "8", "--logging_steps", "1", "--save_steps",
+                "4", "--learning_rate", "2e-3", "--deepspeed_config", "zero0.json", "--per_device_train_batch_size",
+                str(micro), "--gradient_accumulation_steps", str(acc))
+
+    train(make_trainer(tmp_path / "straight", data, world_of_one, *flags(4, 2), eval_set=False))
+    reference = [r["loss"] for r in read_log(tmp_path / "straight" / "out")]
+    logged = Trainer._log_step
+
+    def crash(self, *args, **kwargs):
+        logged(self, *args, **kwargs)
+        if self.global_step == 5:
+            raise Crash
+
+    for micro, acc in ((8, 1), (2, 4)):
+        out = tmp_path / f"split_{micro}x{acc}"
+        monkeypatch.setattr(Trainer, "_log_step", crash)
+        with pytest.raises(Crash):
+            train(make_trainer(out, data, world_of_one, *flags(4, 2), eval_set=False))
+        monkeypatch.setattr(Trainer, "_log_step", logged)
+        train(make_trainer(out, data, world_of_one, *flags(micro, acc), eval_set=False))
+        losses = [r["loss"] for r in read_log(out / "out")]
+        assert losses[:4] == reference[:4]  # before the checkpoint: the same run, bit for bit
+        assert losses[4:] == pytest.approx(reference[4:], rel=1e-5)  # after it: another split, same samples

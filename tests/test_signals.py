@@ -1,0 +1,56 @@
+"""Save on signal, the handler side: the first signal is a request, a duplicate is ignored, a later one exits now."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from ds_mlm import signals
+from ds_mlm.signals import EXIT_PREEMPTED, StopOnSignal
+
+SECOND_SIGNAL = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from ds_mlm import signals
+signals.DUPLICATE_SECONDS = 0.2
+with signals.StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)  # the same request delivered twice (a launcher forwarding it)
+    assert stop.requested == "SIGTERM"
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGUSR1)  # a second request: out at once
+    time.sleep(5)
+print("not reached")
+"""
+
+
+def test_first_signal_is_a_request_and_handlers_are_restored(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert stop.requested == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)  # within DUPLICATE_SECONDS: the same request
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert err.count("ds-mlm: SIGUSR1: finishing this step, saving a checkpoint, then exiting with status "
+                     f"{EXIT_PREEMPTED}") == 1
+
+
+def test_disabled_installs_nothing():
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    with StopOnSignal(enabled=False) as stop:
+        assert {s: signal.getsignal(s) for s in signals.SIGNALS} == before
+    assert stop.requested is None
+
+
+def test_a_second_signal_later_exits_at_once():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGUSR1 and "not reached" not in proc.stdout
+    assert "SIGUSR1 again: exiting now, without saving" in proc.stderr
+    assert time.monotonic() - started < 20
