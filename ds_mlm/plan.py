@@ -1,7 +1,8 @@
 """The run plan: every effective setting of a run, derived once, by pure functions, from the flags, the ds_config
 JSON, the device, the world and the data. Every module reads the plan; nothing writes back into the arguments.
 
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world_size, train_samples, config)
+    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world_size, config, tokenizer_id)
+    plan = plan.with_data(train_samples)   # the step count, once the token store is known
     plan.ds_config            # the dict deepspeed.initialize gets (also written to OUTPUT_DIR/ds_config.json)
     plan.to_dict()            # saved in every checkpoint's trainer_state.json
     refusals, notes = compare(saved_plan_dict, plan)   # on resume: what the run follows, warns about or refuses
@@ -14,13 +15,16 @@ What a resumed run does with a setting that changed since the checkpoint (one li
     elastic   world_size, micro_batch, grad_accumulation (same global batch): the same samples per step
               (sampler.py); another world size loads ZeRO partitions through a universal checkpoint (checkpointer.py)
     warns     global_batch: training goes on from the samples consumed, steps count batches of the new size
-    refuses   precision, zero_stage, optimizer, seed, train_samples, seq_length, model (its shapes): the
-              checkpoint's state does not fit (export it and warm-start instead)
+    refuses   precision, zero_stage, optimizer, seed, seq_length, model (its shapes), tokenizer, train_samples:
+              the checkpoint's state does not fit (export it and warm-start instead)
+
+Everything but the step count is known before the datasets are built, so a resume that will be refused is refused
+before an hours-long build (compare() skips what is not known yet).
 """
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Tuple
 
 from ds_mlm.ds_config import AUTO, find_config, leftover_auto, requested_precision
@@ -63,12 +67,12 @@ class RunPlan:
     """linear, cosine, constant_with_warmup (HF's), or deepspeed:<type> for a JSON scheduler block."""
     warmup_steps: int
     """Warm-up steps of the schedule."""
-    max_steps: int
-    """Optimizer steps of the whole run."""
-    steps_per_epoch: int
-    """Optimizer steps in one pass over the training set (its ragged tail dropped)."""
-    train_samples: int
-    """Samples in the training set."""
+    max_steps: Optional[int]
+    """Optimizer steps of the whole run (None until with_data)."""
+    steps_per_epoch: Optional[int]
+    """Optimizer steps in one pass over the training set, its ragged tail dropped (None until with_data)."""
+    train_samples: Optional[int]
+    """Samples in the training set (None until with_data)."""
     seed: int
     """Seed of the model init, the sample order and the masking."""
     mlm_probability: float
@@ -77,6 +81,8 @@ class RunPlan:
     """Whole-word masking."""
     model: dict
     """The model's shapes (MODEL_SHAPE of its config)."""
+    tokenizer: str
+    """The tokenizer's fingerprint (vocabulary, specials, the ids of a probe text)."""
     output_dir: str
     """Checkpoints, logs and the final model."""
     logging_dir: str
@@ -85,10 +91,23 @@ class RunPlan:
     """The accelerator (cpu, cuda, ...)."""
     ds_config: dict = field(repr=False)
     """The final DeepSpeed config: the JSON with the flags, the precision and the step count filled in."""
+    num_train_epochs: float = field(default=0.0, repr=False)
+    """--num_train_epochs, for the step count when --max_steps is not given."""
 
     @property
     def epochs(self) -> float:
         return self.max_steps / max(self.steps_per_epoch, 1)
+
+    def with_data(self, train_samples: int) -> "RunPlan":
+        """The plan once the training set is known: its step count, in the plan and in a JSON scheduler block."""
+        steps_per_epoch = max(train_samples // self.global_batch, 1)
+        max_steps = self.max_steps or max(math.ceil(self.num_train_epochs * steps_per_epoch), 1)
+        config = copy.deepcopy(self.ds_config)
+        sched = config.get("scheduler", {}).get("params", {})
+        if sched.get("total_num_steps") in (AUTO, None) and "total_num_steps" in sched:
+            sched["total_num_steps"] = max_steps
+        return replace(self, train_samples=train_samples, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+                       ds_config=config)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -97,13 +116,7 @@ class RunPlan:
         return out
 
 
-def _max_steps(train_args, steps_per_epoch: int) -> int:
-    if train_args.max_steps > 0:
-        return train_args.max_steps
-    return max(math.ceil(train_args.num_train_epochs * steps_per_epoch), 1)
-
-
-def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps: int, source: str) -> dict:
+def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps, source: str) -> dict:
     config = copy.deepcopy(ds_json)
     config["fp16"]["enabled"], config["bf16"]["enabled"] = precision == "fp16", precision == "bf16"
     params = config["optimizer"]["params"]
@@ -115,21 +128,44 @@ def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps: in
             params.setdefault("fused", True)
     sched = config.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == AUTO:
-        sched["total_num_steps"] = max_steps
+        sched["total_num_steps"] = max_steps  # None until the data are known (with_data)
     leftover = leftover_auto(config)
     if leftover:
         raise UserError(f"{source}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
+    _deepspeed_accepts(config, source)
     return config
 
 
+def _deepspeed_accepts(config: dict, source: str) -> None:
+    """DeepSpeed's own validation (pydantic: unknown or mistyped keys inside its blocks), before anything is written,
+    instead of a traceback from deepspeed.initialize later. The batch arithmetic was checked already; without a
+    process group DeepSpeed counts a world of one, so it sees this rank's share of the global batch."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from ds_mlm import distributed
+
+    checked = copy.deepcopy(config)
+    sched = checked.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps", 0) is None:
+        sched["total_num_steps"] = 1  # a stand-in until the step count is known
+    if not distributed.initialized():
+        checked["train_batch_size"] = checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(checked)
+    except Exception as e:  # noqa: BLE001 (pydantic's ValidationError, ValueError, AssertionError...)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{source}: DeepSpeed rejects this config ({'; '.join(lines[:3])[:300]}): fix or remove "
+                        "that key") from None
+
+
 def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, world_size: int,
-              train_samples: int, model_config) -> Tuple[RunPlan, Optional[str]]:
-    """(the plan of this run, the warning to print once when the device changed the precision, or None)."""
+              model_config, tokenizer_id: str = "") -> Tuple[RunPlan, Optional[str]]:
+    """(the plan of this run before its data are known, the warning to print once when the device changed the
+    precision, or None). `tokenizer_id`: the tokenizer's fingerprint (data.spec.tokenizer_fingerprint)."""
     source = find_config(train_args.deepspeed_config)
     precision, warning = choose(requested_precision(ds_json), device)
     global_batch = ds_json["train_batch_size"]
-    steps_per_epoch = max(train_samples // global_batch, 1)
-    max_steps = _max_steps(train_args, steps_per_epoch)
+    max_steps = train_args.max_steps if train_args.max_steps > 0 else None
     opt = ds_json["optimizer"]
     params = opt["params"]
     sched = ds_json.get("scheduler")
@@ -143,11 +179,12 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
         eps=float(params.get("eps", train_args.adam_epsilon)), max_grad_norm=float(ds_json["gradient_clipping"]),
         schedule=f"deepspeed:{sched['type']}" if sched else train_args.lr_scheduler_type,
         warmup_steps=int(sched["params"].get("warmup_num_steps", 0)) if sched else train_args.warmup_steps,
-        max_steps=max_steps, steps_per_epoch=steps_per_epoch, train_samples=train_samples, seed=ds_json["seed"],
+        max_steps=max_steps, steps_per_epoch=None, train_samples=None, seed=ds_json["seed"],
         mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask,
-        model={k: getattr(model_config, k) for k in MODEL_SHAPE}, output_dir=train_args.output_dir,
-        logging_dir=train_args.logging_dir, device=device.name,
-        ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source))
+        model={k: getattr(model_config, k) for k in MODEL_SHAPE}, tokenizer=tokenizer_id,
+        output_dir=train_args.output_dir, logging_dir=train_args.logging_dir, device=device.name,
+        ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source),
+        num_train_epochs=train_args.num_train_epochs)
     return plan, warning
 
 
@@ -156,13 +193,14 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
 FOLLOW = ("learning_rate", "weight_decay", "betas", "eps", "max_grad_norm", "schedule", "warmup_steps", "max_steps",
           "mlm_probability", "whole_word_mask")
 ELASTIC = ("world_size", "micro_batch", "grad_accumulation")
-REFUSE = ("precision", "zero_stage", "optimizer", "seed", "train_samples", "seq_length", "model")
+REFUSE = ("precision", "zero_stage", "optimizer", "seed", "seq_length", "model", "tokenizer", "train_samples")
 _FLAG = {"learning_rate": "--learning_rate", "weight_decay": "--weight_decay", "betas": "--adam_beta1/2",
          "eps": "--adam_epsilon", "max_grad_norm": "--max_grad_norm", "schedule": "--lr_scheduler_type",
          "warmup_steps": "--warmup_steps", "max_steps": "--max_steps", "mlm_probability": "--mlm_probability",
          "whole_word_mask": "--whole_word_mask", "seed": "--seed", "seq_length": "--max_seq_length",
          "precision": "--fp16/--bf16 or the ds_config", "zero_stage": "the ds_config's ZeRO stage",
-         "optimizer": "the ds_config's optimizer", "train_samples": "the training data", "model": "the model"}
+         "optimizer": "the ds_config's optimizer", "train_samples": "the training data", "model": "the model",
+         "tokenizer": "the tokenizer"}
 
 
 def compare(saved: dict, plan: RunPlan):
@@ -170,14 +208,14 @@ def compare(saved: dict, plan: RunPlan):
     now = plan.to_dict()
     refusals, notes = [], []
     for key in REFUSE:
-        if key in saved and saved[key] != now[key]:
+        if key in saved and now[key] is not None and saved[key] != now[key]:
             old, new = saved[key], now[key]
             if isinstance(old, dict):  # name only the shapes that differ
                 differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
                 old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
             refusals.append(f"{_FLAG[key]}: {_show(key, old)} in the checkpoint, {_show(key, new)} now")
     for key in FOLLOW:
-        if key in saved and saved[key] != now[key]:
+        if key in saved and now[key] is not None and saved[key] != now[key]:
             notes.append(f"{_FLAG[key]} changed from {_show(key, saved[key])} to {_show(key, now[key])}: the run "
                          "follows the new value")
     if saved.get("global_batch", plan.global_batch) != plan.global_batch:
@@ -193,4 +231,6 @@ def compare(saved: dict, plan: RunPlan):
 
 
 def _show(key, value) -> str:
+    if key == "tokenizer":
+        return f"fingerprint {str(value)[:12]}"
     return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)

@@ -24,8 +24,9 @@ from ds_mlm.plan import compare
 log = logging.getLogger(__name__)
 
 
-def check(chosen, plan, dist) -> None:
-    """Refuse, with one line, a resume the checkpoint's state cannot fit; say what the run follows otherwise."""
+def check(chosen, plan, dist, say: bool = True) -> None:
+    """Refuse, with one line, a resume the checkpoint's state cannot fit; say (`say`) what the run follows
+    otherwise. Before the data are known the plan has no step count: only what is known is compared."""
     saved = chosen["state"].get("plan")
     if saved is None:
         raise UserError(f"{chosen['path']} was saved by an older ds-mlm without a run plan: resume it with that "
@@ -35,7 +36,7 @@ def check(chosen, plan, dist) -> None:
         raise UserError(f"cannot resume {chosen['path']}: {'; '.join(refusals)}; restore those settings, or start "
                         "afresh with --overwrite_output_dir (python -m ds_mlm.export turns the checkpoint into a model "
                         "to warm-start from with --model_name_or_path)")
-    if dist.is_main:
+    if dist.is_main and say:
         for note in notes:
             log.warning("resume: %s", note)
 

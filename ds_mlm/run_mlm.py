@@ -72,39 +72,50 @@ def main(argv=None) -> int:
         prepare_datasets(data_args, tokenizer, dist, cache_dir)
         log.info("--build_dataset_only: token stores are ready in %s", cache_dir)
         return 0
+
+    from ds_mlm import resume
+    from ds_mlm.checkpointer import Checkpointer
+    from ds_mlm.data.spec import tokenizer_fingerprint
+    from ds_mlm.plan import make_plan
+
     device = precision.this_device()
     ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
-    if train_args.evaluation_strategy != "no" and not data_args.eval_dir and dist.is_main:
-        log.warning("--evaluation_strategy %s without --eval_dir: nothing will be evaluated (give --eval_dir)",
-                    train_args.evaluation_strategy)
+    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, config,
+                              tokenizer_fingerprint(tokenizer))
+    if dist.is_main:
+        for line in filter(None, [warning, _eval_warning(train_args, data_args)]):
+            log.warning(line)
     with run_lock(dist, train_args.output_dir):
         if dist.local_rank == 0:
-            mixed = ds_json["bf16"]["enabled"] or ds_json["fp16"]["enabled"]
-            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(count_parameters(config), mixed),
-                                 "--output_dir", "one checkpoint and the final model")
+            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(
+                count_parameters(config), plan.precision != "fp32"), "--output_dir", "one checkpoint and the final model")
+        checkpointer = Checkpointer(plan.output_dir, dist, train_args.save_total_limit)
+        chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
+        if chosen is not None:
+            resume.check(chosen, plan, dist, say=False)  # a refusal comes before an hours-long dataset build
         train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
-        trainer = setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist,
+        plan = plan.with_data(len(train_ds))
+        trainer = setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen,
                                  train_ds, eval_ds)
         return train(trainer, tokenizer, train_args.save_on_signal)
 
 
-def setup_training(model_args, data_args, train_args, tokenizer, config, ds_json, device, dist, train_ds, eval_ds):
-    """Plan the run, choose and check the checkpoint to resume, build the engine and the trainer, restore."""
+def _eval_warning(train_args, data_args):
+    if train_args.evaluation_strategy != "no" and not data_args.eval_dir:
+        return (f"--evaluation_strategy {train_args.evaluation_strategy} without --eval_dir: nothing will be "
+                "evaluated (give --eval_dir)")
+    return None
+
+
+def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen, train_ds, eval_ds):
+    """Check the resume against the whole plan, build the engine and the trainer, restore the checkpoint."""
     from transformers import set_seed  # noqa: E402 (heavy imports only on the training path)
 
     from ds_mlm import resume
-    from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.engine import build_engine
     from ds_mlm.model import build_model
-    from ds_mlm.plan import make_plan
     from ds_mlm.trainer import make_trainer
 
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, len(train_ds),
-                              config)
-    if warning and dist.is_main:
-        log.warning(warning)
-    checkpointer = Checkpointer(plan.output_dir, dist, train_args.save_total_limit)
-    chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
     universal = chosen is not None and checkpointer.universal_needed(chosen, plan)
     if chosen is not None:
         resume.check(chosen, plan, dist)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from conftest import build_bpe_tokenizer, run
 
 
 def good_args(tok, train, evaluation, out):
@@ -125,6 +125,25 @@ CASES = {  # name -> (how the good command is changed, words the message must co
                                     "world size 1"]),
     "ds_config fp16 and bf16": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
         t, '{"fp16": {"enabled": true}, "bf16": {"enabled": true}}')), ["both fp16 and bf16"]),
+    "ds_config optimizer without a CPU kernel": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
+        t, '{"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}}')), ["Lamb has no CPU kernel", "AdamW"]),
+    "ds_config unknown optimizer": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
+        t, '{"optimizer": {"type": "AdamWW"}}')), ["unknown optimizer type 'AdamWW'"]),
+    "ds_config unknown scheduler": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
+        t, '{"scheduler": {"type": "Cosine"}}')), ["unknown scheduler type 'Cosine'", "WarmupCosineLR"]),
+    "ds_config learning rate 0": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
+        t, '{"optimizer": {"type": "AdamW", "params": {"lr": 0}}}')), ["optimizer.params.lr is 0", "positive"]),
+    "ds_config key DeepSpeed rejects": (lambda a, t: with_flag(a, "--deepspeed_config", write_config(
+        t, '{"zero_optimization": {"stage": 0, "overlap_comms": true}}')),
+        ["DeepSpeed rejects this config", "overlap_comms", "Extra inputs are not permitted"]),
+    # a resume the checkpoint cannot fit: refused before any build, write or load (ds_config.json kept as it was)
+    "resume under another ZeRO stage": (lambda a, t: with_flag(a, "--deepspeed_config", "zero1.json"),
+                                        ["cannot resume", "ZeRO stage: 0 in the checkpoint, 1 now"]),
+    "resume with another seed": (lambda a, t: with_flag(a, "--seed", "7"),
+                                 ["cannot resume", "--seed: 42 in the checkpoint, 7 now"]),
+    "resume with another tokenizer": (lambda a, t: with_flag(a, "--tokenizer_name_or_path",
+                                                             str(build_bpe_tokenizer(t / "tok", 1500))),
+                                      ["cannot resume", "the tokenizer: fingerprint", "vocab_size"]),
 }
 
 

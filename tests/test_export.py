@@ -2,6 +2,7 @@
 checkpoint (no launcher); both load with AutoModelForMaskedLM, fill a <mask>, and hold the trained fp32 weights."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -91,3 +92,60 @@ def test_export_command_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"ds-mlm: error: --checkpoint {tmp_path / 'nope'}: no such directory; give an OUTPUT_DIR/checkpoint-N directory"]
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from transformers import PreTrainedModel
+def save_pretrained(self, path, *args, **kwargs):
+    open(os.path.join(path, "model.safetensors"), "wb").write(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of writing the export
+PreTrainedModel.save_pretrained = save_pretrained
+from ds_mlm.export import cli_main
+cli_main(sys.argv[1:])
+"""
+
+
+def copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def export_cmd(checkpoint, out, *extra):
+    return [sys.executable, "-m", "ds_mlm.export", "--checkpoint", checkpoint, "--output_dir", out, *extra]
+
+
+def test_export_refuses_a_checkpoint_cut_short_unless_forced_and_a_damaged_one(zero3_run, tmp_path):
+    cut = copy_checkpoint(zero3_run / "checkpoint-6", tmp_path / "checkpoint-6")
+    (cut / "COMPLETE").unlink()  # a save that never finished
+    proc = run(export_cmd(cut, tmp_path / "a"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"ds-mlm: error: {cut} has no COMPLETE marker: its save was interrupted and its files may be partial; export "
+        "an earlier checkpoint, or pass --force to export it anyway"]
+    forced = run(export_cmd(cut, tmp_path / "a", "--force"))
+    assert "has no COMPLETE marker (--force)" in forced.stdout and (tmp_path / "a" / "roberta_thai").is_dir()
+
+    damaged = copy_checkpoint(zero3_run / "checkpoint-6", tmp_path / "damaged" / "checkpoint-6")
+    optim = sorted(damaged.glob("*optim_states.pt"))[0]
+    os.truncate(optim, optim.stat().st_size // 3)
+    proc = run(export_cmd(damaged, tmp_path / "b"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"ds-mlm: error: {damaged} is damaged ({optim.name} has {optim.stat().st_size:,} bytes, ")
+    assert line.endswith("were written): export an earlier checkpoint")
+    assert not (tmp_path / "b" / "roberta_thai").exists()
+
+
+def test_a_killed_export_leaves_nothing_that_the_next_one_does_not_remove(zero3_run, tmp_path):
+    out = tmp_path / "out"
+    script = tmp_path / "killed_export.py"
+    script.write_text(KILLED_EXPORT.format(repo=str(REPO)))
+    proc = run([sys.executable, script, "--checkpoint", zero3_run / "checkpoint-6", "--output_dir", out], check=False)
+    assert proc.returncode == -9
+    assert [p.name.split(".tmp-")[0] for p in out.iterdir()] == ["roberta_thai"]  # a staging dir, never the final one
+    run(export_cmd(zero3_run / "checkpoint-6", out))
+    assert sorted(p.name for p in out.iterdir()) == ["roberta_thai", "roberta_thai_tokenizer"]  # the leftover is gone
+    fill(out / "roberta_thai")

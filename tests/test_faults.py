@@ -144,3 +144,82 @@ def test_disk_full_at_a_later_checkpoint_keeps_the_last_good_one(tmpfs, straight
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stdout
     assert numbers(out) == numbers(straight / "out")
     shutil.rmtree(out)
+
+
+FILL_BEFORE_EXPORT = """
+import os, shutil, sys
+sys.path.insert(0, {repo!r})
+from ds_mlm import export
+real = export.save_model_dir
+def fill_then_save(model, tensors, tokenizer, output_dir, intact="nothing was changed"):
+    free = shutil.disk_usage(output_dir).free
+    with open(os.path.join(output_dir, "someone-elses-file"), "wb") as f:  # the disk fills while the run trains
+        f.truncate(0)
+        f.write(b"x" * max(free - (1 << 20), 0))
+    return real(model, tensors, tokenizer, output_dir, intact)
+export.save_model_dir = fill_then_save
+from ds_mlm.run_mlm import cli_main
+cli_main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_at_the_final_export_is_one_line_and_the_checkpoint_exports_later(
+        tmpfs, tmp_path, straight, small_corpus, bpe_tokenizer_dir):
+    disk = tmpfs("256m")
+    out = disk / "out"
+    wrapper = tmp_path / "fill_before_export.py"
+    wrapper.write_text(FILL_BEFORE_EXPORT.format(repo=str(REPO)))
+    args = train_args(bpe_tokenizer_dir, *small_corpus, out, straight / "cache")
+    line = one_line_error(run([sys.executable, wrapper, *args], check=False))
+    assert "the exported model" in line and f"{out / 'checkpoint-6'} is intact: free some space, then export it " \
+                                           f"with python -m ds_mlm.export --checkpoint {out / 'checkpoint-6'}" in line
+    assert (out / "checkpoint-6" / "COMPLETE").is_file() and not (out / "roberta_thai").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no half-written export left
+    (out / "someone-elses-file").unlink()
+    run([sys.executable, "-m", "ds_mlm.export", "--checkpoint", out / "checkpoint-6", "--output_dir", out])
+    assert (out / "roberta_thai" / "model.safetensors").is_file()
+
+
+def test_master_port_in_use_is_one_line(tmp_path, small_corpus, bpe_tokenizer_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        args = train_args(bpe_tokenizer_dir, *small_corpus, tmp_path / "out", tmp_path / "cache")
+        line = one_line_error(run([sys.executable, "-m", "ds_mlm.run_mlm", *args], env=env, check=False))
+    assert line.startswith(f"ds-mlm: error: MASTER_PORT {port} on 127.0.0.1 is already in use") and "give another" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_job_in_the_same_output_dir_is_refused_and_a_dead_ones_lock_is_taken_over(
+        tmp_path, straight, small_corpus, bpe_tokenizer_dir):
+    import time
+
+    out = tmp_path / "out"
+    args = [*train_args(bpe_tokenizer_dir, *small_corpus, out, straight / "cache", steps=400), "--save_steps", "1000"]
+    first = subprocess.Popen([sys.executable, "-m", "ds_mlm.run_mlm", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "train_log.jsonl").exists():  # training: it holds the lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        line = one_line_error(run([sys.executable, "-m", "ds_mlm.run_mlm", *args], check=False))
+        assert f"--output_dir {out} is in use by another training run on" in line and f"pid {first.pid}" in line
+        assert first.poll() is None  # the first job was not disturbed
+    finally:
+        first.kill()  # kill -9: no cleanup, its lock file stays behind
+        first.wait()
+    assert (out / ".ds-mlm.lock").exists()
+    proc = run([sys.executable, "-m", "ds_mlm.run_mlm", *with_steps(args, 6)])
+    assert f"took over the lock of {out} from a dead training run" in proc.stdout
+    assert not (out / ".ds-mlm.lock").exists()  # released at the end
+
+
+def with_steps(args, steps):
+    args = list(args)
+    args[args.index("--max_steps") + 1] = str(steps)
+    return args

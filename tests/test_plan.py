@@ -18,11 +18,12 @@ CONFIG = RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num
                        intermediate_size=64)
 
 
-def plan_of(tmp_path, *flags, world=1, samples=1000, device=CPU, config=CONFIG):
+def plan_of(tmp_path, *flags, world=1, samples=1000, device=CPU, config=CONFIG, tokenizer="tok-a"):
     model_args, data_args, train_args = parse_args(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
                                                     "--max_seq_length", "64", *flags])
     ds_json = resolve_ds_config(train_args, world, device.name)
-    return make_plan(model_args, data_args, train_args, ds_json, device, world, samples, config)
+    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world, config, tokenizer)
+    return (plan if samples is None else plan.with_data(samples)), warning
 
 
 def test_the_plan_holds_the_effective_settings_and_the_args_stay_as_given(tmp_path):
@@ -92,6 +93,18 @@ def test_resume_refuses_what_the_checkpoint_cannot_fit(tmp_path):
         "the model: vocab_size 1000 in the checkpoint, vocab_size 1200 now"]
     assert compare(saved, plan_of(tmp_path, samples=999)[0])[0] == [
         "the training data: 1000 in the checkpoint, 999 now"]
+    assert compare(saved, plan_of(tmp_path, tokenizer="tok-b")[0])[0] == [
+        "the tokenizer: fingerprint tok-a in the checkpoint, fingerprint tok-b now"]
+
+
+def test_before_the_data_are_known_only_the_rest_is_compared(tmp_path):
+    saved = plan_of(tmp_path, "--num_train_epochs", "2")[0].to_dict()
+    early, _ = plan_of(tmp_path, "--num_train_epochs", "2", samples=None)
+    assert early.max_steps is None and early.train_samples is None
+    assert compare(saved, early) == ([], [])  # the step count and the data size wait for the data
+    assert compare(saved, plan_of(tmp_path, "--num_train_epochs", "2", "--seed", "1", samples=None)[0])[0] == [
+        "--seed: 42 in the checkpoint, 1 now"]
+    assert early.with_data(1000).to_dict() == saved
 
 
 def test_inconsistent_json_is_still_refused_before_planning(tmp_path):

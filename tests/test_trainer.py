@@ -54,8 +54,11 @@ def data(bpe_tokenizer_dir):
 
 
 def make_trainer(tmp_path, data, world, *flags, eval_set=True):
+    """A trainer assembled as run_mlm.main assembles it (minus the lock and the dataset build)."""
+    from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.model import resolve_config
+    from ds_mlm.plan import make_plan
     from ds_mlm.precision import this_device
     from ds_mlm.run_mlm import setup_training
 
@@ -66,7 +69,13 @@ def make_trainer(tmp_path, data, world, *flags, eval_set=True):
     device = this_device()
     ds_json = resolve_ds_config(args, world.world_size, device.name)
     config = resolve_config(model_args, tokenizer, SEQ)
-    return setup_training(model_args, data_args, args, tokenizer, config, ds_json, device, world, train,
+    plan, warning = make_plan(model_args, data_args, args, ds_json, device, world.world_size, config, "tokenizer")
+    if warning:
+        logging.getLogger("ds_mlm").warning(warning)
+    plan = plan.with_data(len(train))
+    checkpointer = Checkpointer(plan.output_dir, world, args.save_total_limit)
+    chosen = checkpointer.choose(args.resume_from_checkpoint, args.overwrite_output_dir)
+    return setup_training(plan, model_args, data_args, args, tokenizer, world, checkpointer, chosen, train,
                           {"eval": evaluation} if eval_set else None)
 
 
