@@ -307,3 +307,26 @@ def test_resume_with_another_micro_batch_at_the_same_global_batch_follows_the_sa
         losses = [r["loss"] for r in read_log(out / "out")]
         assert losses[:4] == reference[:4]  # before the checkpoint: the same run, bit for bit
         assert losses[4:] == pytest.approx(reference[4:], rel=1e-5)  # after it: another split, same samples
+
+
+def test_a_resume_follows_a_new_learning_rate_and_a_longer_run(tmp_path, data, world_of_one, caplog):
+    """6 steps at lr 1e-3 (linear decay to 0 at step 6), then the same command with --max_steps 12 --learning_rate
+    2e-3: step 7 runs on the new schedule (2e-3 x 6/12), not at the finished run's lr 0, and every record says so."""
+    def flags(steps, lr):
+        return ("--max_steps", str(steps), "--learning_rate", lr, "--logging_steps", "1", "--save_steps", "6",
+                "--deepspeed_config", "zero2.json", "--bf16", "false")
+
+    train(make_trainer(tmp_path, data, world_of_one, *flags(6, "1e-3"), eval_set=False))
+    with caplog.at_level(logging.INFO, logger="ds_mlm"):
+        resumed = make_trainer(tmp_path, data, world_of_one, *flags(12, "2e-3"), eval_set=False)
+    said = caplog.text
+    assert "resume: --learning_rate changed from 0.001 to 0.002: the run follows the new value" in said
+    assert "resume: --max_steps changed from 6 to 12: the run follows the new value" in said
+    assert "at step 6 (48 samples consumed); the next step runs at lr 0.001" in said
+    train(resumed)
+    lrs = [r["lr"] for r in read_log(tmp_path / "out")]
+    assert lrs[:6] == pytest.approx([1e-3 * (6 - s) / 6 for s in range(6)])
+    assert lrs[6:] == pytest.approx([2e-3 * (12 - s) / 12 for s in range(6, 12)])  # the rate each step was taken with
+    written = json.loads((tmp_path / "out" / "ds_config.json").read_text())
+    assert written["optimizer"]["params"]["lr"] == 2e-3
+    assert all(g["lr"] == pytest.approx(0.0) for g in resumed.engine.optimizer.param_groups)  # the end of the new one
