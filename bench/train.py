@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/train.py [--steps 30] [--repeats 2] [--threads 2]
 
-1. tokens/s of the DeepSpeed engine (ZeRO-0 fp32, ZeRO-2 with zero2.json: bf16 where the CPU has it natively, else
-   fp32; torch_adam, as ds-mlm runs on CPU) against a plain
-   PyTorch loop (torch.optim.AdamW, same param groups, clipping, schedule and fp32 masked-token loss), same model,
-   same pre-collated batches, same threads; repeats interleaved so machine noise hits all alike.
-   Target: ZeRO-0 fp32 >= 0.9x plain.
-2. The share of the real Trainer's step time spent waiting for data (sampler + token-store reads + collator),
-   ZeRO-2 (zero2.json) on the sample corpus. Target: < 3 %.
+1. tokens/s of the DeepSpeed engine (ZeRO-0 fp32, and zero2.json: bf16 where the CPU has it natively, else fp32;
+   torch's fused AdamW, as ds-mlm runs on CPU) against a plain PyTorch loop (the same fused AdamW, param groups,
+   clipping, schedule and global-batch-normalised masked-token loss), same model, same pre-collated batches, same
+   threads; repeats interleaved so machine noise hits all alike. Target: ZeRO-0 fp32 >= 0.95x plain.
+2. The real Trainer (run_mlm.setup_training: loader thread, per-step all-reduce, logging window) on the sample
+   corpus, ZeRO-2: the share of its step time spent in its own Python (outside the engine's forward, backward and
+   step), the share spent waiting for data, with the loader's prefetch on and off. Targets: data wait < 1 %.
 3. Per-rank optimizer-state bytes (the tensors in the optimizer's state: Adam moments, plus fp32 master partitions
    under bf16), ZeRO-2 on 2 ranks vs ZeRO-0 on 2 ranks (torchrun, two processes). Target: about half.
+4. The optimizer step alone: torch.optim.AdamW fused vs foreach (the default) on this model's parameters.
 
 The machine is shared: the load average is printed before and after.
 """
@@ -93,20 +94,18 @@ def fixed_batches(tokenizer, train_ds, n):
 
 def run_plain(model, batches, args) -> float:
     import torch
-    from transformers import get_scheduler
 
-    from ds_mlm.ds_config import param_groups
-    from ds_mlm.trainer import masked_lm_loss
+    from ds_mlm.optim import Schedule, param_groups
 
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    sched = get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
+    sched = Schedule(opt, "linear", args.learning_rate, args.warmup_steps, args.max_steps)
     model.train()
     start = None
     for i, batch in enumerate(batches):
         if i == 3:
             start = time.perf_counter()  # the first steps allocate optimizer state and warm caches
-        loss_sum, count = masked_lm_loss(model, batch)  # called like the engine
+        loss_sum, count = model(**batch)  # called like the engine: the masked tokens' summed CE and their number
         (loss_sum / count.clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
@@ -115,25 +114,32 @@ def run_plain(model, batches, args) -> float:
     return sum(int(b["attention_mask"].sum()) for b in batches[3:]) / (time.perf_counter() - start)
 
 
+def plan_for(args, world_size=1):
+    from transformers import RobertaConfig
+
+    from ds_mlm.args import parse_args
+    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.plan import make_plan
+    from ds_mlm.precision import this_device
+
+    model_args, data_args, _ = parse_args(["--train_dir", ".", "--output_dir", args.output_dir,
+                                           "--max_seq_length", str(SEQ)])
+    device = this_device()
+    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, world_size, device.name), device,
+                        world_size, RobertaConfig(**MODEL))
+    return plan.with_data(10**6)
+
+
 def run_engine(model, batches, args, config_name) -> float:
-    import deepspeed
+    from ds_mlm.engine import build_engine
 
-    from ds_mlm.ds_config import param_groups, resolve_ds_config
-    from ds_mlm.trainer import masked_lm_loss
-
-    config = resolve_ds_config(args, world_size=1)
-    from transformers import get_scheduler
-
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, args.weight_decay), config=config,
-        lr_scheduler=lambda opt: get_scheduler("linear", opt, num_warmup_steps=args.warmup_steps,
-                                               num_training_steps=args.max_steps))
+    engine = build_engine(plan_for(args), model)
     engine.train()
     start = None
     for i, batch in enumerate(batches):
         if i == 3:
             start = time.perf_counter()
-        loss_sum, count = masked_lm_loss(engine, batch)
+        loss_sum, count = engine(**batch)
         engine.backward(loss_sum / count.clamp(min=1))
         engine.step()
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[3:]) / (time.perf_counter() - start)
@@ -142,13 +148,11 @@ def run_engine(model, batches, args, config_name) -> float:
 
 
 def bench_throughput(workdir, tokenizer, train_ds, steps, repeats):
-    from deepspeed.accelerator import get_accelerator
-
-    from ds_mlm.ds_config import bf16_native
+    from ds_mlm.precision import this_device
 
     batches = fixed_batches(tokenizer, train_ds, steps + 3)
     # zero2.json asks for bf16, which ds-mlm runs in fp32 where the CPU would emulate it: say which one ran
-    z2 = "DeepSpeed ZeRO-2 " + ("bf16" if bf16_native(get_accelerator()) else "fp32 (no native bf16)")
+    z2 = "DeepSpeed ZeRO-2 " + ("bf16" if this_device().bf16_native else "fp32 (no native bf16)")
     setups = {"plain PyTorch fp32 AdamW": lambda: run_plain(make_model(tokenizer), batches, train_args(workdir)),
               "DeepSpeed ZeRO-0 fp32": lambda: run_engine(make_model(tokenizer), batches,
                                                           train_args(workdir, "--deepspeed_config", "zero0.json"), "z0"),
@@ -168,38 +172,103 @@ def bench_throughput(workdir, tokenizer, train_ds, steps, repeats):
     return best
 
 
-# -- 2. data share in the real Trainer ----------------------------------------------------------------------------
+# -- 2. the real Trainer: its own Python, and the data wait with and without prefetch ---------------------------------
 
-def bench_data_share(workdir, tokenizer, train_ds, data_args, steps):
-    from ds_mlm.ds_config import resolve_ds_config
-    from ds_mlm.trainer import Trainer
-
-    class TimedTrainer(Trainer):
-        data_seconds = 0.0
-
-        def _batches(self):
-            inner = super()._batches()
-            while True:
-                t = time.perf_counter()
-                item = next(inner)
-                TimedTrainer.data_seconds += time.perf_counter() - t
-                yield item
-
-    args = train_args(workdir, "--deepspeed_config", "zero2.json", "--max_steps", str(steps),
-                      "--overwrite_output_dir", "true")
-    config = resolve_ds_config(args, world_size=1)
+def trainer_run(workdir, tokenizer, train_ds, steps, prefetch: int) -> dict:
+    """One run of the real Trainer; the engine's forward/backward/step timed from outside."""
+    from ds_mlm.args import parse_args
+    from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.distributed import env_info
+    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.plan import make_plan
+    from ds_mlm.precision import this_device
+    from ds_mlm.run_mlm import setup_training
+    from ds_mlm.signals import StopOnSignal
 
-    trainer = TimedTrainer(model=make_model(tokenizer), tokenizer=tokenizer, train_dataset=train_ds,
-                           eval_dataset=None, args=args, data_args=data_args, ds_config=config, dist=env_info())
+    out = workdir / f"trainer_{prefetch}"
+    model_args, data_args, args = parse_args([
+        "--train_dir", str(workdir), "--output_dir", str(out), "--max_seq_length", str(SEQ), "--config_name",
+        str(workdir / "model.json"), "--deepspeed_config", "zero2.json", "--max_steps", str(steps),
+        "--per_device_train_batch_size", str(MICRO), "--logging_steps", "10", "--save_steps", "1000000",
+        "--overwrite_output_dir", "true"])
+    device, dist = this_device(), env_info()
+    from ds_mlm.model import resolve_config
+
+    config = resolve_config(model_args, tokenizer, SEQ)
+    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, 1, device.name), device, 1, config)
+    plan = plan.with_data(len(train_ds))
+    checkpointer = Checkpointer(str(out), dist)
+    trainer = setup_training(plan, model_args, data_args, args, tokenizer, dist, checkpointer, None, train_ds, None)
+    trainer.loader.prefetch = prefetch
+    engine, spent = trainer.engine, [0.0]
+
+    def timed(fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return call
+
+    engine.forward, engine.backward, engine.step = timed(engine.forward), timed(engine.backward), timed(engine.step)
+    waited = [0.0]
+    next_step = trainer.loader.next
+
+    def counted_next():
+        step = next_step()
+        waited[0] += trainer.loader.wait_seconds  # the trainer resets it each step
+        return step
+
+    trainer.loader.next = counted_next
     start = time.perf_counter()
-    trainer.train()
+    with StopOnSignal(False) as stop:
+        trainer.train(stop)
     total = time.perf_counter() - start
-    share = TimedTrainer.data_seconds / total
-    print(f"\n2. data wait in Trainer.train (ZeRO-2, zero2.json, {steps} steps): {TimedTrainer.data_seconds * 1e3:.1f} ms of "
-          f"{total:.2f} s = {100 * share:.2f} % (target < 3 %)")
-    trainer.engine.destroy()
-    return share
+    engine.destroy()
+    return {"total": total, "engine": spent[0], "wait": waited[0]}
+
+
+def bench_trainer(workdir, tokenizer, train_ds, steps, repeats):
+    from transformers import RobertaConfig
+
+    from ds_mlm.model import _COMMON
+
+    RobertaConfig(**{**_COMMON, **MODEL}).to_json_file(str(workdir / "model.json"))
+    runs = {prefetch: [] for prefetch in (2, 0)}
+    for _ in range(repeats):
+        for prefetch in runs:  # interleaved
+            runs[prefetch].append(trainer_run(workdir, tokenizer, train_ds, steps, prefetch))
+    print(f"\n2. the real Trainer, zero2.json, {steps} steps x {repeats} repeats (a save and the first steps included)")
+    for prefetch, results in runs.items():
+        best = min(results, key=lambda r: r["total"])
+        own = best["total"] - best["engine"] - best["wait"]
+        print(f"   prefetch {prefetch}: {best['total']:.2f} s, engine {best['engine']:.2f} s; the Trainer's own Python "
+              f"{own * 1e3:.1f} ms = {100 * own / best['total']:.2f} % of the step time, {1e3 * own / steps:.2f} ms "
+              f"per step; waiting for data {best['wait'] * 1e3:.1f} ms = {100 * best['wait'] / best['total']:.2f} %"
+              f" (target < 1 %)")
+    return runs
+
+
+def bench_optimizer_step(tokenizer, repeats):
+    import torch
+
+    model = make_model(tokenizer)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for name, kw in (("foreach (torch default)", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-4, **kw)
+        opt.step()
+        t = time.perf_counter()
+        for _ in range(repeats * 10):
+            opt.step()
+        out[name] = (time.perf_counter() - t) / (repeats * 10)
+    print(f"\n4. AdamW step on {sum(p.numel() for p in params):,} parameters: " +
+          ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out.items()) +
+          f" ({out['foreach (torch default)'] / out['fused']:.1f}x)")
+    return out
 
 
 # -- 3. optimizer-state memory, 2 ranks ----------------------------------------------------------------------------
@@ -221,10 +290,8 @@ def optimizer_state_bytes(engine) -> dict:
 
 
 def memory_worker(workdir: Path, config_name: str, flags: list) -> None:
-    import deepspeed
-
     from ds_mlm import distributed
-    from ds_mlm.ds_config import param_groups, resolve_ds_config
+    from ds_mlm.engine import build_engine
 
     dist = distributed.init()
     from transformers import AutoTokenizer
@@ -232,8 +299,7 @@ def memory_worker(workdir: Path, config_name: str, flags: list) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     model = make_model(tokenizer)
     args = train_args(workdir, "--deepspeed_config", config_name, *flags)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0),
-                                      config=resolve_ds_config(args, dist.world_size))
+    engine = build_engine(plan_for(args, dist.world_size), model)
     import torch
 
     ids = torch.randint(5, len(tokenizer), (2, 16))
@@ -248,12 +314,10 @@ def memory_worker(workdir: Path, config_name: str, flags: list) -> None:
 
 def bench_memory(workdir):
     results = {}
-    from deepspeed.accelerator import get_accelerator
-
-    from ds_mlm.ds_config import bf16_native
+    from ds_mlm.precision import this_device
 
     setups = [("ZeRO-0 fp32", "zero0.json", ""), ("ZeRO-2 fp32", "zero2.json", "--bf16 false")]
-    if bf16_native(get_accelerator()):  # elsewhere zero2.json runs in fp32: the row above
+    if this_device().bf16_native:  # elsewhere zero2.json runs in fp32: the row above
         setups.append(("ZeRO-2 bf16", "zero2.json", ""))
     for label, config_name, flag in setups:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -310,8 +374,9 @@ def main():
     tokenizer, train_ds, data_args = tokenizer_and_data(workdir)
     print(f"train samples: {len(train_ds):,} x {SEQ} tokens; threads {torch.get_num_threads()}")
     bench_throughput(workdir, tokenizer, train_ds, args.steps, args.repeats)
-    bench_data_share(workdir, tokenizer, train_ds, data_args, args.steps * 2)
+    bench_trainer(workdir, tokenizer, train_ds, args.steps * 2, args.repeats)
     bench_memory(workdir)
+    bench_optimizer_step(tokenizer, args.repeats)
     print(f"\nload average after: {load_avg()}")
 
 

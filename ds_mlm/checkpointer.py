@@ -201,8 +201,9 @@ class Checkpointer:
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+                    saved = chosen["state"].get("plan", {}).get("world_size", "its")
                     raise UserError(f"could not convert {path} for another number of processes ({last}): resume "
-                                    f"with {chosen['state']['plan']['world_size']} processes")
+                                    f"with {saved} processes")
             log.info("converted %s to DeepSpeed's universal checkpoint form in %.1f s (kept in %s/%s)", path,
                      time.perf_counter() - started, path, UNIVERSAL)
 

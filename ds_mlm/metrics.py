@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from ds_mlm import distributed
+
 log = logging.getLogger(__name__)
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -38,7 +40,7 @@ LOG_FILE = "train_log.jsonl"
 def all_reduce_sum(values: list, device) -> list:
     """Element-wise sum of a list of floats over all ranks (float64, so sums of many losses stay exact enough)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed.initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
 
