@@ -171,8 +171,11 @@ def export_model(engine, tokenizer, output_dir: str) -> str:
     if rank == 0:
         from transformers import RobertaForMaskedLM
 
-        fresh = RobertaForMaskedLM(engine.module.config).float()  # the plain HF class: what downstream code loads
-        save_model_dir(fresh, tensors, tokenizer, output_dir)
+        from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
+
+        # the plain HF class (what downstream code loads), without the training's padding rows (model.pad_vocab)
+        fresh = RobertaForMaskedLM(unpadded_config(engine.module.config)).float()
+        save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer, output_dir)
         logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
                                          model_dir, os.path.join(output_dir, TOKENIZER_DIR))
     distributed.barrier()
@@ -190,11 +193,18 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None) 
         raise UserError(f"--checkpoint {checkpoint_dir}: no such directory; give an OUTPUT_DIR/checkpoint-N directory")
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
+    from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
+
     config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
     tokenizer = load_tokenizer(tokenizer_dir or checkpoint_dir, "auto")
+    rows = real_vocab_size(config)  # the checkpoint's tensors may hold padding rows past it (model.pad_vocab)
+    if len(tokenizer) != rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {checkpoint_dir} was trained with {rows}: "
+                        "give the tokenizer of that run (or leave out --tokenizer_dir)")
     fresh = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config).float()
-    tensors = state_dict_from_checkpoint(checkpoint_dir, fresh)
-    return save_model_dir(fresh, tensors, tokenizer, output_dir)
+    tensors = unpad_state_dict(state_dict_from_checkpoint(checkpoint_dir, fresh), rows)
+    unpadded = unpadded_config(config)
+    return save_model_dir(MODEL_FOR_MASKED_LM_MAPPING[type(unpadded)](unpadded).float(), tensors, tokenizer, output_dir)
 
 
 def main(argv=None) -> int:

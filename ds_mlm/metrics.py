@@ -3,16 +3,22 @@
 Every `--logging_steps` optimizer steps one record goes to three places, all from rank 0:
 
   - `{output_dir}/train_log.jsonl`, one JSON object per line, flushed at each write, appended across resumes:
-        {"step": 12, "loss": 6.91, "lr": 4.2e-05, "grad_norm": 1.3, "tokens_per_s": 10412.0, "samples_per_s": 81.3}
-    (+ "loss_scale" under fp16); an evaluation adds {"step": 12, "eval_loss": ..., "perplexity": ...}.
+        {"step": 12, "loss": 6.91, "lr": 4.2e-05, "grad_norm": 1.3, "tokens_per_s": 10412.0, "samples_per_s": 81.3,
+         "tflops": 0.41, "data_wait": 0.002}
+    (+ "loss_scale" under fp16, "mfu" where the device's peak is known, "peak_memory_gib" on CUDA); an evaluation
+    adds {"step": 12, "eval_loss": ..., "perplexity": ...}.
     On resume the file is cut back to its length at the checkpoint, so the steps redone are not logged twice.
   - TensorBoard under `--logging_dir`: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/samples_per_s,
-    train/loss_scale, eval/loss, eval/perplexity (x axis: optimizer step).
+    train/loss_scale, train/tflops, train/mfu, train/peak_memory_gib, train/data_wait, eval/loss, eval/perplexity
+    (x axis: optimizer step).
   - one line on stdout.
 
 "loss" is the mean micro-batch loss over the window and over all ranks (an all-reduce), so every rank computes the
 same number; "lr" is the learning rate the logged step was taken with; throughput counts all ranks' input tokens
-(padding excluded) and samples over the window's wall time.
+(padding excluded) and samples over the window's wall time. "tflops" is the model FLOPs of all ranks' micro-batches
+(ds_mlm/flops.py, one formula) / window seconds / world size / 1e12: achieved TFLOP/s per device; "mfu" = tflops /
+the device's dense peak; "data_wait" the ranks' mean share of the window spent building batches (sampler, reads,
+masking); "peak_memory_gib" rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated).
 """
 
 import json
@@ -27,7 +33,9 @@ log = logging.getLogger(__name__)
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "samples_per_s": "train/samples_per_s",
-                    "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
+                    "loss_scale": "train/loss_scale", "tflops": "train/tflops", "mfu": "train/mfu",
+                    "peak_memory_gib": "train/peak_memory_gib", "data_wait": "train/data_wait",
+                    "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
 LOG_FILE = "train_log.jsonl"
 
 
@@ -58,30 +66,38 @@ class Window:
         self.micro_batches = 0
         self.tokens = 0
         self.samples = 0
+        self.flops = 0.0  # model FLOPs of the micro-batches (ds_mlm.flops.train_flops)
+        self.wait = 0.0  # seconds spent building batches
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int, samples: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, samples: int, flops: float = 0.0, wait: float = 0.0) -> None:
         self.loss_sum += loss.detach().double()
         self.micro_batches += 1
         self.tokens += tokens
         self.samples += samples
+        self.flops += flops
+        self.wait += wait
 
     def state_dict(self) -> dict:
         """This rank's unlogged sums (saved in checkpoints so a resume mid-window logs the same numbers)."""
         return {"loss_sum": self.loss_sum.item(), "micro_batches": self.micro_batches, "tokens": self.tokens,
-                "samples": self.samples, "seconds": time.perf_counter() - self.started}
+                "samples": self.samples, "flops": self.flops, "wait": self.wait,
+                "seconds": time.perf_counter() - self.started}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum.fill_(state["loss_sum"])
         self.micro_batches, self.tokens, self.samples = state["micro_batches"], state["tokens"], state["samples"]
+        self.flops, self.wait = state.get("flops", 0.0), state.get("wait", 0.0)  # older checkpoints: none
         self.started = time.perf_counter() - state.get("seconds", 0.0)  # its tokens took that long before the stop
 
     def summary(self) -> dict:
-        loss_sum, count, tokens, samples = all_reduce_sum(
-            [self.loss_sum.item(), self.micro_batches, self.tokens, self.samples], self.device)
+        loss_sum, count, tokens, samples, flops, wait, ranks = all_reduce_sum(
+            [self.loss_sum.item(), self.micro_batches, self.tokens, self.samples, self.flops, self.wait, 1.0],
+            self.device)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         self.reset()
-        return {"loss": loss_sum / max(count, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
+        return {"loss": loss_sum / max(count, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
+                "tflops": flops / seconds / ranks / 1e12, "data_wait": wait / ranks / seconds}
 
 
 class MetricsWriter:

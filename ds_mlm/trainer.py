@@ -17,20 +17,24 @@ import logging
 import math
 import os
 import sys
+import time
 
 import deepspeed
 import torch
 from tqdm.auto import tqdm
 
 from ds_mlm import checkpoint, distributed
-from ds_mlm.collator import MLMCollator
+from ds_mlm.collator import IGNORE_INDEX, MLMCollator
 from ds_mlm.ds_config import finalize_scheduler, param_groups, precision, write_resolved_config
+from ds_mlm.errors import UserError
+from ds_mlm.flops import peak_tflops, train_flops
 from ds_mlm.metrics import MetricsWriter, Window, all_reduce_sum, format_record, perplexity
 from ds_mlm.sampler import ResumableDistributedSampler
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # one masking of the eval set for every evaluation of every run: numbers stay comparable
+COMPILE_WIDTH_MULTIPLE = 64  # --torch_compile pads batch widths to this: a few fixed shapes, no dynamic-shape code
 
 
 def masked_lm_loss(engine, batch: dict):
@@ -58,7 +62,8 @@ class Trainer:
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.sampler = ResumableDistributedSampler(len(train_dataset), self.micro, dist.rank, dist.world_size,
                                                    args.seed)
-        masking = dict(mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask)
+        masking = dict(mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask,
+                       pad_to_multiple_of=COMPILE_WIDTH_MULTIPLE if args.torch_compile else None)
         self.collator = MLMCollator.from_tokenizer(tokenizer, seed=args.seed, **masking)
         self.eval_collator = MLMCollator.from_tokenizer(tokenizer, seed=EVAL_SEED, **masking)
         self.steps_per_epoch = max(self.sampler.micro_batches_per_epoch // self.grad_acc, 1)
@@ -89,6 +94,15 @@ class Trainer:
         weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                                config=ds_config, lr_scheduler=lr_scheduler)
+        if args.torch_compile:
+            # The encoder only, in place (parameter names unchanged), with static shapes (one graph per batch
+            # width). Not engine.compile(), which compiles the whole module: inductor turns the embeddings' backward
+            # into an atomic scatter-add whose sums differ from run to run (no exact resume), and the head's
+            # masked positions are a data-dependent shape. The encoder is nearly all of the FLOPs.
+            self.engine.module.roberta.encoder.compile(dynamic=False)
+        self.peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.engine.device),
+                                                     precision(ds_config))
+                                         if self.engine.device.type == "cuda" else None)
         self.global_step = 0
         self.writer = None
         self._last_eval = None  # (step, metrics) of the loop's latest evaluation
@@ -120,7 +134,8 @@ class Trainer:
                 "consumed_samples": self.sampler.consumed_samples, "log_position": self.writer.position(),
                 "world_size": self.dist.world_size, "train_batch_size": self.global_batch, "micro_batch": self.micro,
                 "gradient_accumulation_steps": self.grad_acc, "max_steps": self.max_steps, "seed": self.args.seed,
-                "zero_stage": self.zero_stage, "precision": precision(self.ds_config)}
+                "zero_stage": self.zero_stage, "precision": precision(self.ds_config),
+                "vocab_rows": self.engine.module.config.vocab_size}
 
     def _write_extras(self, path: str) -> None:
         self.engine.module.config.save_pretrained(path)
@@ -140,6 +155,11 @@ class Trainer:
             saved = json.load(f)
         checkpoint.check_compatible(saved, path, self.dist.world_size, self.zero_stage, self.global_batch,
                                     precision(self.ds_config))
+        rows = self.engine.module.config.vocab_size  # the embedding rows, padding included (model.pad_vocab)
+        if saved.get("vocab_rows", rows) != rows:
+            raise UserError(f"{path} holds {saved['vocab_rows']} embedding rows, this run builds {rows}: resume with "
+                            "the --pad_vocab_multiple (and tokenizer) it was trained with, or start afresh with "
+                            "--overwrite_output_dir")
         state, rank_state = checkpoint.load(self.engine, path, self.dist)
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = state["global_step"]
@@ -155,12 +175,17 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------------------------
 
     def _batches(self):
-        """(epoch, batch on the device), forever; data are read in this process (memmap reads take microseconds)."""
-        device = self.engine.device
+        """(batch on the device, tokens, model FLOPs, seconds it took to build), forever; data are read in this
+        process (memmap reads take microseconds)."""
+        device, config = self.engine.device, self.engine.module.config
+        started = time.perf_counter()
         for epoch, indices in self.sampler:
             batch = self.collator(self.train_dataset.__getitems__(indices), indices, epoch)
             tokens = int(batch["attention_mask"].sum())
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tokens
+            flops = train_flops(config, *batch["input_ids"].shape, int((batch["labels"] != IGNORE_INDEX).sum()))
+            built = time.perf_counter() - started
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tokens, flops, built
+            started = time.perf_counter()
 
     def _grad_norm_before_step(self):
         """ZeRO-0 without mixed precision: DeepSpeed clips but does not report the norm, so measure it."""
@@ -178,7 +203,13 @@ class Trainer:
     def _log_step(self, window: Window, lr: float, grad_norm) -> None:
         summary = window.summary()  # a collective: every rank logs the same mean
         record = {"step": self.global_step, "loss": summary["loss"], "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": summary["tokens_per_s"], "samples_per_s": summary["samples_per_s"]}
+                  "tokens_per_s": summary["tokens_per_s"], "samples_per_s": summary["samples_per_s"],
+                  "tflops": summary["tflops"]}
+        if self.peak:
+            record["mfu"] = summary["tflops"] / self.peak
+        if self.engine.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
+        record["data_wait"] = summary["data_wait"]
         scale = self._loss_scale()
         if scale is not None:
             record["loss_scale"] = scale
@@ -219,7 +250,7 @@ class Trainer:
         engine.train()
         batches = self._batches()
         while self.global_step < self.max_steps:
-            batch, tokens = next(batches)
+            batch, tokens, flops, built = next(batches)
             boundary = engine.is_gradient_accumulation_boundary()
             step = self.global_step + 1
             logging_step = boundary and (step % args.logging_steps == 0 or step == self.max_steps)
@@ -229,7 +260,7 @@ class Trainer:
             engine.backward(loss)
             norm = self._grad_norm_before_step() if (measure_norm and logging_step) else None
             engine.step()
-            window.add(loss.detach(), tokens, batch["input_ids"].shape[0])
+            window.add(loss.detach(), tokens, batch["input_ids"].shape[0], flops, built)
             if not boundary:
                 continue
             self.global_step = engine.global_steps

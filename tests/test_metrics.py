@@ -19,18 +19,24 @@ def read_scalars(logdir) -> dict:
 def test_window_means_and_restores():
     w = Window(torch.device("cpu"))
     for loss in (2.0, 4.0, 6.0):
-        w.add(torch.tensor(loss), tokens=100, samples=2)
+        w.add(torch.tensor(loss), tokens=100, samples=2, flops=1e14, wait=0.5)
     saved = w.state_dict()
     seconds = saved.pop("seconds")
-    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6} and seconds >= 0
+    assert saved == {"loss_sum": 12.0, "micro_batches": 3, "tokens": 300, "samples": 6, "flops": 3e14,
+                     "wait": 1.5} and seconds >= 0
     other = Window(torch.device("cpu"))
     other.load_state_dict({**saved, "seconds": 1000.0})  # the window had run 1000 s before the stop
     summary = other.summary()
     assert summary["loss"] == 4.0
     assert 0.29 < summary["tokens_per_s"] <= 0.3 and 0.0059 < summary["samples_per_s"] <= 0.006  # 300 / 1000 s
+    assert 0.299 < summary["tflops"] <= 0.3  # 3e14 FLOPs / 1000 s / 1 rank / 1e12
+    assert 0.00149 < summary["data_wait"] <= 0.0015  # 1.5 s of 1000 s building batches
     after = other.state_dict()
     assert after.pop("seconds") < 1.0  # reset: a new window starts now
-    assert after == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0}
+    assert after == {"loss_sum": 0.0, "micro_batches": 0, "tokens": 0, "samples": 0, "flops": 0.0, "wait": 0.0}
+    older = Window(torch.device("cpu"))
+    older.load_state_dict({"loss_sum": 1.0, "micro_batches": 1, "tokens": 1, "samples": 1})  # a checkpoint before
+    assert older.state_dict()["flops"] == 0.0  # the throughput fields existed
 
 
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
@@ -48,6 +54,10 @@ def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
     assert [s for s, _ in scalars["train/grad_norm"]] == [1]  # None is not plotted
     assert scalars["eval/perplexity"][0][1] == pytest.approx(perplexity(6.0), rel=1e-6)
     assert {"train/lr", "train/tokens_per_s", "train/samples_per_s", "eval/loss"} <= set(scalars)
+    from ds_mlm.metrics import TENSORBOARD_TAGS
+
+    assert {TENSORBOARD_TAGS[k] for k in ("tflops", "mfu", "peak_memory_gib", "data_wait")} == {
+        "train/tflops", "train/mfu", "train/peak_memory_gib", "train/data_wait"}
 
     # a resume from the checkpoint taken after step 1: the later records are redone, so they are cut off
     w = MetricsWriter(str(out), str(runs), rank=0, truncate_at=cut, purge_from=2)
