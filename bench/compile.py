@@ -8,11 +8,13 @@ bf16 where the CPU has it natively, else fp32; torch_adam), the same pre-collate
 
     eager, vocab 7,993               --pad_vocab_multiple 1, batches as wide as their longest sample
     eager, padded                    the default: 8,000 rows
-    compiled, static widths          --torch_compile as the trainer does it: engine.compile(dynamic=False) (the
-                                     masked-position head stays eager: model._masked_loss), batch widths padded to a
-                                     multiple of 64 (trainer.COMPILE_WIDTH_MULTIPLE)
-    compiled, dynamic widths         engine.compile() with torch's defaults on the batches as they come: the second
-                                     width seen recompiles the encoder with symbolic shapes
+    encoder compiled, static widths  --torch_compile as the trainer does it: the encoder compiled with
+                                     dynamic=False, batch widths padded to a multiple of 64
+                                     (trainer.COMPILE_WIDTH_MULTIPLE); embeddings and the masked-position head eager
+    engine.compile(), static widths  DeepSpeed's engine.compile(): the whole model (its head stays eager:
+                                     model._masked_loss), dynamic=False, the same padded widths
+    engine.compile(), dynamic        engine.compile() with torch's defaults on the batches as they come: the second
+                                     width seen recompiles with symbolic shapes
 
 tokens/s count real tokens (padding excluded) after `--warmup` steps (compilation happens there; its time is printed
 separately), best of `--repeats` interleaved repeats, as ratios to eager unpadded. On a GPU the question is another
@@ -35,8 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODELS = {"tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
           "4x256": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
 SEQ, MICRO, VOCAB = 128, 8, 7993
-VARIANTS = {"eager, vocab 7,993": (1, None), "eager, padded": (64, None), "compiled, static widths": (64, "static"),
-            "compiled, dynamic widths": (64, "dynamic")}  # name: (--pad_vocab_multiple, compilation)
+VARIANTS = {"eager, vocab 7,993": (1, None), "eager, padded": (64, None), "encoder compiled, static": (64, "encoder"),
+            "engine.compile(), static": (64, "engine"), "engine.compile(), dynamic": (64, "dynamic")}
+STATIC_WIDTHS = ("encoder", "engine")  # the variants fed batches padded as --torch_compile pads them
 
 
 def load_avg() -> str:
@@ -92,8 +95,10 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
                        "1e-4", "--per_device_train_batch_size", str(MICRO)])[2]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0),
                                       config=resolve_ds_config(args, world_size=1))
-    if compile_what == "static":
-        engine.compile(compile_kwargs={"dynamic": False})  # trainer.py's --torch_compile
+    if compile_what == "encoder":  # trainer.py's --torch_compile
+        engine.module.roberta.encoder.compile(dynamic=False)
+    elif compile_what == "engine":
+        engine.compile(compile_kwargs={"dynamic": False})
     elif compile_what == "dynamic":
         engine.compile()
     engine.train()
@@ -138,7 +143,7 @@ def main():
         results = {v: [] for v in VARIANTS}
         for _ in range(args.repeats):
             for variant, (pad, what) in VARIANTS.items():  # interleaved: machine noise hits all alike
-                chosen = batches[what == "static"]  # only --torch_compile pads the widths
+                chosen = batches[what in STATIC_WIDTHS]
                 results[variant].append(run(tokenizer, chosen, MODELS[name], pad, what, args.warmup))
         base = max(t for t, _ in results["eager, vocab 7,993"])
         shape = MODELS[name]

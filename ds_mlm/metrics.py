@@ -18,7 +18,8 @@ same number; "lr" is the learning rate the logged step was taken with; throughpu
 (padding excluded) and samples over the window's wall time. "tflops" is the model FLOPs of all ranks' micro-batches
 (ds_mlm/flops.py, one formula) / window seconds / world size / 1e12: achieved TFLOP/s per device; "mfu" = tflops /
 the device's dense peak; "data_wait" the ranks' mean share of the window spent building batches (sampler, reads,
-masking); "peak_memory_gib" rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated).
+masking: on a GPU the device may still be busy with queued kernels meanwhile, so this bounds its wait from above);
+"peak_memory_gib" rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated).
 """
 
 import json

@@ -103,6 +103,9 @@ class Trainer:
         self.peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.engine.device),
                                                      precision(ds_config))
                                          if self.engine.device.type == "cuda" else None)
+        if self.peak is None and self.engine.device.type == "cuda" and dist.rank == 0:
+            log.info("no mfu in the logs: %s is not in ds_mlm/flops.py's table; pass --peak_tflops (its dense "
+                     "bf16/fp16 peak)", torch.cuda.get_device_name(self.engine.device))
         self.global_step = 0
         self.writer = None
         self._last_eval = None  # (step, metrics) of the loop's latest evaluation

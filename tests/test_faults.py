@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, TIMING, run
 
 KILL_DURING_SAVE = """
 import os, signal, sys
@@ -59,7 +59,7 @@ def read_log(out):
 
 
 def numbers(out):
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s")} for r in read_log(out)]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(out)]
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import cpu_mixed_precision
+from conftest import TIMING, cpu_mixed_precision
 from test_trainer import SEQ, data, make_trainer, read_log  # noqa: F401 (data: the fixture the trainer tests use)
-
-TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib")
 
 
 def test_throughput_record_and_mfu_with_peak_tflops(tmp_path, data, world_of_one, monkeypatch):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, cpu_mixed_precision, free_port, run
+from conftest import REPO, TIMING, cpu_mixed_precision, free_port, run
 from ds_mlm.args import parse_args
 
 SEQ = 64
@@ -249,7 +249,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
     run(launcher(REPO / "ds_mlm" / "run_mlm.py", *args(crashed)))  # resumes from checkpoint-3 by itself
 
     def numbers(out):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "samples_per_s")} for r in read_log(out)]
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(out)]
 
     assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
     assert numbers(crashed) == numbers(straight)  # losses, lrs, grad norms and eval losses: equal, not close
@@ -274,8 +274,8 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
 
     acc = EventAccumulator(str(crashed / "runs"))
     acc.Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
-            "eval/perplexity"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/tflops",
+            "train/data_wait", "eval/loss", "eval/perplexity"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
