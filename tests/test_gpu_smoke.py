@@ -18,7 +18,7 @@ def test_gpu_sh_smoke_runs_every_code_path(tmp_path):
     for name, cells in rows.items():
         tokens_per_s, tflops, mfu = float(cells[6].replace(",", "")), float(cells[8]), cells[9]
         assert tokens_per_s > 0 and tflops >= 0 and mfu.endswith("%"), (name, cells)  # mfu: against --peak_tflops
-    assert "exact resume: ok (3 records, steps [2, 4, 6], resumed from checkpoint-4)" in out
+    assert "exact resume (fused AdamW): ok (3 records, steps [2, 4, 6], resumed from checkpoint-4" in out
     assert "export: ok (vocab_size 2000, 2000 rows, tokenizer 2000; equal to the in-run export" in out
     assert out.rstrip().endswith("gpu.sh: every configuration ran and every check held")
     records = [json.loads(x) for x in (tmp_path / "runs" / "s64-z1-on" / "train_log.jsonl").read_text().splitlines()]
