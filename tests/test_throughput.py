@@ -47,7 +47,6 @@ def test_no_mfu_on_cpu_without_peak_tflops(tmp_path, data, world_of_one):
     assert "mfu" not in record and record["tflops"] > 0 and trainer.peak is None
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero0.json", "zero1.json", "zero2.json", "zero3.json"])
 def test_padded_training_exports_exactly_the_tokenizers_rows(tmp_path, data, world_of_one, config):
     """Trained with 2048 rows for 2000 tokens: the live export and the checkpoint export have 2000 rows,
