@@ -129,7 +129,7 @@ class TrainingArguments:
     overwrite_output_dir: bool = arg(False, "Start afresh even if --output_dir holds checkpoints (default: resume from them).")
     dataloader_num_workers: int = arg(0, "Accepted for compatibility; samples are read zero-copy in the training process.")
     explicit_flags: frozenset = field(default=frozenset(), metadata={"help": None})  # set by parse_args, not a flag
-    torch_compile: bool = arg(False, "Compile the model with torch.compile (inductor, on GPU and CPU) through DeepSpeed's engine.compile(); checkpoints and exports are unchanged. The first steps are slow while it compiles.")
+    torch_compile: bool = arg(False, "Compile the encoder with torch.compile (inductor, GPU or CPU; batch widths padded to a multiple of 64 for fixed shapes); checkpoints, resume and exports are unchanged. The first steps are slow while it compiles.")
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s of one device, for the logged mfu (default: a table of GPUs' bf16/fp16 datasheet peaks; on CPU mfu is logged only with this flag).")
 
     def __post_init__(self):
