@@ -84,6 +84,9 @@ fi
 if [ "$smoke" = 1 ]; then precision=bf16; else
   precision=$("$python" -c "import torch; print('bf16' if torch.cuda.is_bf16_supported() else 'fp16')")
 fi
+echo "$architecture, --$precision, a byte-level BPE of $("$python" -c "import sys; from transformers import \
+AutoTokenizer; print(len(AutoTokenizer.from_pretrained(sys.argv[1])))" "$work/tokenizer") ids (asked: $vocab) on \
+data/sample/train, $tokens tokens per micro-batch, $steps steps logged every $((steps / 3)); work directory $work"
 
 "$python" - "$root/ds_configs" "$work/configs" <<'PY'
 # The shipped ZeRO configs with the optimizer proposed for CUDA (torch's fused AdamW), and FusedAdam for comparison.
