@@ -21,6 +21,7 @@ DATASET_TYPES = ("MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDat
 LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def arg(default, help: str, **kw):
@@ -38,8 +39,14 @@ class ModelArguments:
     config_name: Optional[str] = arg(None, "A RobertaConfig JSON file to use instead of --architecture.")
     model_name_or_path: Optional[str] = arg(None, "Warm start: an HF RoBERTa directory (e.g. an earlier export) to continue pretraining from.")
     model_dir: Optional[str] = arg(None, "Warm start, ancestor style: a directory holding pytorch_model.bin or model.safetensors.")
+    pad_vocab_multiple: int = arg(64, "Pad the embedding and LM-head rows to a multiple of this while training (tensor-core shapes); exports keep exactly len(tokenizer) rows. 1 or 0: no padding.")
+    attn_implementation: str = arg("sdpa", f"Attention kernel: {', '.join(ATTENTION)} (flash_attention_2 needs the flash_attn package and a CUDA GPU).")
 
     def __post_init__(self):
+        if isinstance(self.pad_vocab_multiple, bool) or self.pad_vocab_multiple < 0:
+            raise UserError(f"--pad_vocab_multiple {self.pad_vocab_multiple} must be 0 or more (64 suits tensor cores; 1 or 0: no padding)")
+        if self.attn_implementation not in ATTENTION:
+            raise UserError(f"unknown --attn_implementation {self.attn_implementation!r}: use one of {', '.join(ATTENTION)}")
         if self.config_name is None and self.architecture not in ARCHITECTURES:
             raise UserError(f"unknown --architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}, "
                             "or give a RobertaConfig JSON with --config_name")
@@ -123,6 +130,8 @@ class TrainingArguments:
     overwrite_output_dir: bool = arg(False, "Start afresh even if --output_dir holds checkpoints (default: resume from them).")
     dataloader_num_workers: int = arg(0, "Accepted for compatibility; samples are read zero-copy in the training process.")
     explicit_flags: frozenset = field(default=frozenset(), metadata={"help": None})  # set by parse_args, not a flag
+    torch_compile: bool = arg(False, "Compile the encoder with torch.compile (inductor, GPU or CPU; batch widths padded to a multiple of 64 for fixed shapes); checkpoints, resume and exports are unchanged. The first steps are slow while it compiles.")
+    peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s of one device, for the logged mfu (default: a table of GPUs' bf16/fp16 datasheet peaks; on CPU mfu is logged only with this flag).")
 
     def __post_init__(self):
         if not self.output_dir:
@@ -149,6 +158,8 @@ class TrainingArguments:
             raise UserError("--warmup_steps must be 0 or more")
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "runs")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:  # `not >` also refuses nan
+            raise UserError(f"--peak_tflops {self.peak_tflops} must be a positive number of TFLOP/s (e.g. 989.5 for an H100 SXM in bf16)")
 
 
 GROUPS = (ModelArguments, DataArguments, TrainingArguments)

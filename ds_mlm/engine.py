@@ -5,7 +5,7 @@ and learning-rate schedule.
 
 `load_universal` adds DeepSpeed's `"checkpoint": {"load_universal": true}` (read at initialize time) when the
 resumed checkpoint was saved by another number of processes (checkpointer.py). Without a JSON `scheduler` block
-the schedule is HF's (optim.Schedule); with one it is DeepSpeed's own.
+the schedule is HF's (optim.Schedule); with one it is DeepSpeed's own. `--torch_compile` compiles the encoder.
 """
 
 import copy
@@ -25,4 +25,10 @@ def build_engine(plan, model, load_universal: bool = False):
             return Schedule(optimizer, plan.schedule, plan.learning_rate, plan.warmup_steps, plan.max_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, plan.weight_decay),
                                       config=config, lr_scheduler=schedule)
+    if plan.torch_compile:
+        # The encoder only, in place (parameter names unchanged), with static shapes (one graph per batch width:
+        # the collators pad widths to a multiple of 64). Not engine.compile(), which compiles the whole module:
+        # inductor turns the embeddings' backward into an atomic scatter-add whose sums differ from run to run (no
+        # exact resume), and the head's masked positions are a data-dependent shape. The encoder is most FLOPs.
+        engine.module.roberta.encoder.compile(dynamic=False)
     return engine

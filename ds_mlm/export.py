@@ -175,9 +175,13 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
     if rank == 0:
         from transformers import RobertaForMaskedLM
 
-        fresh = RobertaForMaskedLM(engine.module.config).float()  # the plain HF class: what downstream code loads
+        from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
+
+        # the plain HF class (what downstream code loads), without the training's padding rows (model.pad_vocab)
+        fresh = RobertaForMaskedLM(unpadded_config(engine.module.config)).float()
         try:
-            save_model_dir(fresh, tensors, tokenizer, output_dir, intact)
+            save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
+                           output_dir, intact)
         except UserError as e:
             error = str(e)
         else:
@@ -221,15 +225,23 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, 
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
     _check_checkpoint(checkpoint_dir, force)
+    from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
+
     config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
     tokenizer = load_tokenizer(tokenizer_dir or checkpoint_dir, "auto")
+    rows = real_vocab_size(config)  # the checkpoint's tensors may hold padding rows past it (model.pad_vocab)
+    if len(tokenizer) != rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {checkpoint_dir} was trained with {rows}: "
+                        "give the tokenizer of that run (or leave out --tokenizer_dir)")
     fresh = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config).float()
     try:
-        tensors = state_dict_from_checkpoint(checkpoint_dir, fresh)
+        tensors = unpad_state_dict(state_dict_from_checkpoint(checkpoint_dir, fresh), rows)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:  # a file damaged past our checks
         raise UserError(f"{checkpoint_dir} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                         "export an earlier checkpoint") from None
-    return save_model_dir(fresh, tensors, tokenizer, output_dir, f"{checkpoint_dir} is intact")
+    unpadded = unpadded_config(config)
+    return save_model_dir(MODEL_FOR_MASKED_LM_MAPPING[type(unpadded)](unpadded).float(), tensors, tokenizer, output_dir,
+                          f"{checkpoint_dir} is intact")
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class Step:
     """Samples of this rank's micro-batches."""
     source_counts: Optional[np.ndarray]
     """Samples of the whole global batch per source (a mixture), the same on every rank; None for one source."""
+    shapes: List[Tuple[int, int, int]]
+    """(rows, width, masked tokens) of each micro-batch: what the model computes (flops.py)."""
     position: dict
     """The sampler state after this step: what a checkpoint taken after it must record."""
 
@@ -62,19 +64,21 @@ class StepLoader:
 
     def _build(self) -> Step:
         epoch, micro_indices, step_indices = self.sampler.next_step()
-        batches, tokens, masked, samples = [], 0, 0, 0
+        batches, tokens, masked, samples, shapes = [], 0, 0, 0, []
         for indices in micro_indices:
             batch = self.collator(self.dataset.__getitems__(indices), indices, epoch)
             tokens += int(batch["attention_mask"].sum())
-            masked += int((batch["labels"] != -100).sum())
+            labelled = int((batch["labels"] != -100).sum())
+            masked += labelled
             samples += len(indices)
+            shapes.append((*batch["input_ids"].shape, labelled))
             if self.pin:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             batches.append(batch)
         counts = None
         if self.sources_of is not None and self.num_sources > 1:
             counts = np.bincount(self.sources_of(step_indices), minlength=self.num_sources)
-        return Step(epoch, batches, tokens, masked, samples, counts, self.sampler.state_dict())
+        return Step(epoch, batches, tokens, masked, samples, counts, shapes, self.sampler.state_dict())
 
     def _produce(self) -> None:
         try:

@@ -13,7 +13,10 @@ Every `--logging_steps` optimizer steps one record goes to three places, all fro
 "loss" is the cross-entropy per masked token over the window and over all ranks (sums all-reduced), the number a
 run computes the same on any number of processes and micro-batch split; "lr" is the learning rate the logged step
 was taken with; throughput counts all ranks' input tokens (padding excluded) and samples over the window's wall
-time; "data_wait" is the share of that time the training loop waited for its next batch (rank 0's). With several
+time (evaluations and saves excluded); "tflops" is the model FLOPs of all ranks' micro-batches (flops.py, one
+formula) / window seconds / world size / 1e12: achieved TFLOP/s per device, and "mfu" = tflops / the device's dense
+peak (where known); "data_wait" is the share of the window the training loop waited for its next batch (rank 0's);
+"peak_memory_gib" is rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated; CUDA only). With several
 training sources, "samples_by_source" counts each source's samples since the start of training; with several
 evaluation sources, "eval_by_source" holds each one's eval_loss and perplexity (TensorBoard: eval/<source>/loss).
 """
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "samples_per_s": "train/samples_per_s",
-                    "data_wait": "train/data_wait",
-                    "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
+                    "data_wait": "train/data_wait", "tflops": "train/tflops", "mfu": "train/mfu",
+                    "peak_memory_gib": "train/peak_memory_gib", "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
 LOG_FILE = "train_log.jsonl"
 
 
@@ -55,7 +58,7 @@ def perplexity(loss: float) -> float:
 class Window:
     """Sums over this rank's micro-batches since the last log; `summary()` reduces them over ranks (a collective)."""
 
-    FIELDS = ("loss_sum", "masked", "tokens", "samples")
+    FIELDS = ("loss_sum", "masked", "tokens", "samples", "flops")
 
     def __init__(self, device):
         self.device = device
@@ -64,22 +67,24 @@ class Window:
     def reset(self):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per step
         self.masked = self.tokens = self.samples = 0
-        self.waited = 0.0
+        self.waited = self.flops = 0.0
         self.started = time.perf_counter()
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
         """A micro-batch's summed cross-entropy (a device tensor: adding it costs no synchronisation)."""
         self.loss_sum += loss_sum.detach().double()
 
-    def add_step(self, masked: int, tokens: int, samples: int, waited: float) -> None:
-        """A step's masked tokens, input tokens and samples on this rank, and the seconds the loop waited for them."""
+    def add_step(self, masked: int, tokens: int, samples: int, waited: float, flops: float = 0.0) -> None:
+        """A step's masked tokens, input tokens, samples and model FLOPs on this rank, and the seconds the loop waited
+        for them."""
         self.masked += masked
         self.tokens += tokens
         self.samples += samples
         self.waited += waited
+        self.flops += flops
 
     def _reduced(self) -> list:
-        return all_reduce_sum([self.loss_sum.item(), self.masked, self.tokens, self.samples], self.device)
+        return all_reduce_sum([self.loss_sum.item(), self.masked, self.tokens, self.samples, self.flops], self.device)
 
     def state_dict(self) -> dict:
         """The window's sums over every rank (a collective), saved once in a checkpoint: a resume mid-window, on any
@@ -93,16 +98,16 @@ class Window:
         if holder:
             self.loss_sum.fill_(state["loss_sum"])
             self.masked, self.tokens, self.samples = (int(state[k]) for k in ("masked", "tokens", "samples"))
-            self.waited = state.get("waited", 0.0)
+            self.waited, self.flops = state.get("waited", 0.0), state.get("flops", 0.0)
         self.started = time.perf_counter() - state.get("seconds", 0.0)  # its tokens took that long before the stop
 
-    def summary(self) -> dict:
-        loss_sum, masked, tokens, samples = self._reduced()
+    def summary(self, world_size: int = 1) -> dict:
+        loss_sum, masked, tokens, samples, flops = self._reduced()
         seconds = max(time.perf_counter() - self.started, 1e-9)
         waited = self.waited
         self.reset()
         return {"loss": loss_sum / max(masked, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
-                "data_wait": min(waited / seconds, 1.0)}
+                "tflops": flops / seconds / world_size / 1e12, "data_wait": min(waited / seconds, 1.0)}
 
 
 class MetricsWriter:

@@ -4,10 +4,18 @@ The presets carry the ancestor's shapes (thai2transformers' roberta-base/large c
 and CPU demos. The special-token ids follow the ancestor's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4.
 Before training, the tokenizer and the config must agree (special ids, vocabulary) and `max_seq_length` must fit the
 position embeddings: each mismatch is a one-line UserError that says which value to change.
+
+Shapes for tensor cores (`--pad_vocab_multiple`, default 64): the embedding / LM-head rows are padded with zero rows
+up to a multiple (2,000 -> 2,048; 50,265 -> 50,304), so the decoder matmul has aligned dimensions. The padded rows are
+never an input (ids come from the tokenizer) and never a logit (the forward cuts them off before the softmax), so they
+get no gradient and the numbers are those of the unpadded model; exports cut them away (`unpad_state_dict`).
+`--attn_implementation` picks transformers' attention kernel (sdpa by default).
 """
 
+import importlib.util
 import os
 
+import torch
 import torch.nn.functional as F
 from transformers import RobertaConfig, RobertaForMaskedLM
 
@@ -32,17 +40,93 @@ class RobertaForMLMPretraining(RobertaForMaskedLM):
     number of masked tokens). The vocabulary projection is most of a small model's work (hidden 128, 8000 ids:
     2 M of the 2.8 M multiply-adds per token) and 85 % of the positions carry no label, so it is skipped there.
     Same parameters, same names: checkpoints and exports are plain RobertaForMaskedLM. Without labels it is the
-    parent's forward, logits for every position.
+    parent's forward, logits for every position. Logits stop at `real_vocab_size` (rows past it: see `pad_vocab`).
     """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.real_vocab_size = real_vocab_size(config)  # len(tokenizer): rows past it are cut off the logits
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out.logits = out.logits[..., :self.real_vocab_size]
+            return out
         hidden = self.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._masked_loss(hidden, labels)
+
+    # The masked positions are a data-dependent shape: if the whole model is compiled (engine.compile()), this part
+    # stays eager, so the compiled graph keeps fixed shapes (a graph break here would recompile for every new count
+    # of masked tokens). ds-mlm's --torch_compile compiles the encoder only (trainer.py).
+    @torch.compiler.disable
+    def _masked_loss(self, hidden, labels):
         picked = labels != IGNORE_INDEX
-        logits = self.lm_head(hidden[picked])
+        logits = self.lm_head(hidden[picked])[:, :self.real_vocab_size]
         # fp32 cross-entropy: under bf16/fp16 the logits are low precision, their log-softmax must not be
         return F.cross_entropy(logits.float(), labels[picked], reduction="sum"), picked.sum()
+
+
+# -- tensor-core shapes ----------------------------------------------------------------------------------------------
+
+VOCAB_ROWS = ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.decoder.bias",
+              "lm_head.bias")  # the tensors with one row per token id (decoder ones are tied to the other two)
+
+
+def real_vocab_size(config) -> int:
+    """The tokenizer's length: config.vocab_size, unless pad_vocab recorded it beside the padded row count."""
+    return getattr(config, "unpadded_vocab_size", None) or config.vocab_size
+
+
+def unpadded_config(config):
+    """A copy of a (padded) training config as exports write it: vocab_size = the tokenizer's length."""
+    import copy
+
+    out = copy.deepcopy(config)
+    out.vocab_size = real_vocab_size(config)
+    if hasattr(out, "unpadded_vocab_size"):
+        del out.unpadded_vocab_size
+    return out
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """vocab_size rounded up to a multiple (1 or 0: unchanged)."""
+    return vocab_size if multiple <= 1 else -(-vocab_size // multiple) * multiple
+
+
+def pad_vocab(model: RobertaForMaskedLM, multiple: int) -> int:
+    """Grow the word embeddings and the LM head (tied) to padded_vocab_size rows, appending zero rows; returns the
+    new row count. Zeros draw no random numbers: every other weight, and the dropout stream, stay those of the
+    unpadded model. The config then holds vocab_size = the padded rows (the shapes a checkpoint holds) and
+    unpadded_vocab_size = the real ones (what exports keep)."""
+    rows = padded_vocab_size(model.config.vocab_size, multiple)
+    extra = rows - model.config.vocab_size
+    if extra <= 0:
+        return model.config.vocab_size
+    embeddings, head = model.roberta.embeddings.word_embeddings, model.lm_head
+    if not (head.decoder.weight is embeddings.weight and head.decoder.bias is head.bias):
+        raise ValueError("pad_vocab expects the LM head tied to the word embeddings (as RobertaForMaskedLM ties them)")
+    with torch.no_grad():
+        embeddings.weight = torch.nn.Parameter(torch.cat([embeddings.weight, embeddings.weight.new_zeros(
+            extra, embeddings.embedding_dim)]))
+        head.bias = torch.nn.Parameter(torch.cat([head.bias, head.bias.new_zeros(extra)]))
+    embeddings.num_embeddings = head.decoder.out_features = rows
+    head.decoder.weight, head.decoder.bias = embeddings.weight, head.bias
+    model.config.unpadded_vocab_size, model.config.vocab_size = model.config.vocab_size, rows
+    return rows
+
+
+def unpad_state_dict(tensors: dict, vocab_size: int) -> dict:
+    """The same tensors with the per-token ones cut to `vocab_size` rows (an export of a padded model)."""
+    return {k: v[:vocab_size] if k in VOCAB_ROWS and v.shape[0] > vocab_size else v for k, v in tensors.items()}
+
+
+def check_attention(name: str) -> None:
+    """flash_attention_2 exists only with the flash_attn package on a CUDA GPU: say so before anything is written."""
+    if name == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
+                                        or not torch.cuda.is_available()):
+        raise UserError("--attn_implementation flash_attention_2 needs the flash_attn package and a CUDA GPU "
+                        "(pip install flash-attn): use sdpa, the default, which runs PyTorch's fused attention "
+                        "kernels (FlashAttention among them on CUDA)")
 
 
 def _load_json_config(path: str) -> RobertaConfig:
@@ -104,16 +188,24 @@ def resolve_config(model_args, tokenizer, max_seq_length: int) -> RobertaConfig:
     if warm is not None and config.vocab_size != len(tokenizer):
         raise UserError(f"the warm-start model {warm} has {config.vocab_size} embeddings but the tokenizer "
                         f"{len(tokenizer)} tokens: use the tokenizer that model was trained with")
+    check_attention(model_args.attn_implementation)
+    config._attn_implementation = model_args.attn_implementation  # not saved in config.json: exports load as sdpa
     return config
 
 
-def build_model(model_args, tokenizer, max_seq_length: int) -> RobertaForMLMPretraining:
-    """A fresh model from the preset or config, or the warm-start weights; checked against the tokenizer."""
-    config = resolve_config(model_args, tokenizer, max_seq_length)
+def build_model(model_args, tokenizer, max_seq_length: int, config=None) -> RobertaForMLMPretraining:
+    """A fresh model from the preset or config, or the warm-start weights; checked against the tokenizer; its
+    vocabulary rows padded to --pad_vocab_multiple (built unpadded first, so the initial weights do not depend on it).
+    `config`: resolve_config's result when the caller has it already (it is not resolved twice)."""
+    config = config or resolve_config(model_args, tokenizer, max_seq_length)
     warm = _warm_start_dir(model_args.model_name_or_path, model_args.model_dir)
     if warm is not None:
-        return RobertaForMLMPretraining.from_pretrained(warm, config=config, local_files_only=True)
-    return RobertaForMLMPretraining(config)
+        model = RobertaForMLMPretraining.from_pretrained(warm, config=config, local_files_only=True,
+                                                         attn_implementation=model_args.attn_implementation)
+    else:
+        model = RobertaForMLMPretraining(config)
+    pad_vocab(model, model_args.pad_vocab_multiple)
+    return model
 
 
 def count_parameters(config: RobertaConfig) -> int:

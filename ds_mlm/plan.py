@@ -80,7 +80,7 @@ class RunPlan:
     whole_word_mask: bool
     """Whole-word masking."""
     model: dict
-    """The model's shapes (MODEL_SHAPE of its config)."""
+    """The model's shapes (MODEL_SHAPE of its config); vocab_size counts the padded rows it trains with."""
     tokenizer: str
     """The tokenizer's fingerprint (vocabulary, specials, the ids of a probe text)."""
     output_dir: str
@@ -89,6 +89,10 @@ class RunPlan:
     """TensorBoard events."""
     device: str
     """The accelerator (cpu, cuda, ...)."""
+    torch_compile: bool
+    """Is the encoder compiled (--torch_compile)?"""
+    peak_tflops: Optional[float]
+    """The device's dense bf16/fp16 peak for the logged mfu: --peak_tflops, else the GPU's row in flops.py."""
     ds_config: dict = field(repr=False)
     """The final DeepSpeed config: the JSON with the flags, the precision and the step count filled in."""
     num_train_epochs: float = field(default=0.0, repr=False)
@@ -162,8 +166,13 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
               model_config, tokenizer_id: str = "") -> Tuple[RunPlan, Optional[str]]:
     """(the plan of this run before its data are known, the warning to print once when the device changed the
     precision, or None). `tokenizer_id`: the tokenizer's fingerprint (data.spec.tokenizer_fingerprint)."""
+    from ds_mlm.flops import peak_tflops
+    from ds_mlm.model import padded_vocab_size
+
     source = find_config(train_args.deepspeed_config)
     precision, warning = choose(requested_precision(ds_json), device)
+    shapes = {k: getattr(model_config, k) for k in MODEL_SHAPE}
+    shapes["vocab_size"] = padded_vocab_size(model_config.vocab_size, model_args.pad_vocab_multiple)
     global_batch = ds_json["train_batch_size"]
     max_steps = train_args.max_steps if train_args.max_steps > 0 else None
     opt = ds_json["optimizer"]
@@ -181,8 +190,10 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
         warmup_steps=int(sched["params"].get("warmup_num_steps", 0)) if sched else train_args.warmup_steps,
         max_steps=max_steps, steps_per_epoch=None, train_samples=None, seed=ds_json["seed"],
         mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask,
-        model={k: getattr(model_config, k) for k in MODEL_SHAPE}, tokenizer=tokenizer_id,
+        model=shapes, tokenizer=tokenizer_id,
         output_dir=train_args.output_dir, logging_dir=train_args.logging_dir, device=device.name,
+        torch_compile=train_args.torch_compile,
+        peak_tflops=train_args.peak_tflops or (peak_tflops(device.product, precision) if device.product else None),
         ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source),
         num_train_epochs=train_args.num_train_epochs)
     return plan, warning

@@ -25,6 +25,8 @@ class Device:
     """Can DeepSpeed train in fp16 here?"""
     bf16_native: bool
     """Is bf16 computed at speed (not emulated)?"""
+    product: str = ""
+    """The GPU's name (torch.cuda.get_device_name), for its peak TFLOP/s (flops.py); empty on a CPU."""
 
 
 def bf16_native(acc) -> bool:
@@ -40,7 +42,13 @@ def this_device() -> Device:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    return Device(name=acc.device_name(), fp16=bool(acc.is_fp16_supported()), bf16_native=bf16_native(acc))
+    product = ""
+    if acc.device_name() == "cuda":
+        import torch
+
+        product = torch.cuda.get_device_name()
+    return Device(name=acc.device_name(), fp16=bool(acc.is_fp16_supported()), bf16_native=bf16_native(acc),
+                  product=product)
 
 
 def choose(asked: str, device: Device):

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
         plan = plan.with_data(len(train_ds))
         trainer = setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen,
-                                 train_ds, eval_ds)
+                                 train_ds, eval_ds, config)
         return train(trainer, tokenizer, train_args.save_on_signal)
 
 
@@ -107,7 +107,8 @@ def _eval_warning(train_args, data_args):
     return None
 
 
-def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen, train_ds, eval_ds):
+def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen, train_ds, eval_ds,
+                   config=None):
     """Check the resume against the whole plan, build the engine and the trainer, restore the checkpoint."""
     from transformers import set_seed  # noqa: E402 (heavy imports only on the training path)
 
@@ -127,7 +128,8 @@ def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, che
                           json.dumps(plan.ds_config, indent=2, sort_keys=True) + "\n")
 
     set_seed(plan.seed)  # same initial weights on every rank and every run with this seed
-    engine = build_engine(plan, build_model(model_args, tokenizer, data_args.max_seq_length), load_universal=universal)
+    model = build_model(model_args, tokenizer, data_args.max_seq_length, config)
+    engine = build_engine(plan, model, load_universal=universal)
     eval_sets = eval_ds if isinstance(eval_ds, dict) or eval_ds is None else {data_args.eval_dir: eval_ds}
     trainer = make_trainer(plan, engine, tokenizer, train_ds, eval_sets, dist, checkpointer, train_args,
                            fresh_over_old=train_args.overwrite_output_dir and chosen is None)

@@ -26,10 +26,12 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ds_mlm.flops import train_flops
 from ds_mlm.metrics import MetricsWriter, Window, all_reduce_sum, format_record, perplexity
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 1234  # one masking of the eval set for every evaluation of every run: numbers stay comparable
+COMPILE_WIDTH_MULTIPLE = 64  # --torch_compile pads batch widths to this: a few fixed shapes, no dynamic-shape code
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class Trainer:
                     norm = self._grad_norm()
                 engine.step()
                 self.window.add_loss(loss_sum)
-            self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds)
+            flops = sum(train_flops(engine.module.config, *shape) for shape in step.shapes)
+            self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds, flops)
             self.loader.wait_seconds = 0.0
             self.global_step, self.position = engine.global_steps, step.position
             if step.source_counts is not None:
@@ -177,10 +180,15 @@ class Trainer:
         log.info("saved %s", path)
 
     def _log_step(self, lr: float, grad_norm) -> None:
-        summary = self.window.summary()  # a collective: every rank logs the same numbers
+        summary = self.window.summary(self.dist.world_size)  # a collective: every rank logs the same numbers
         record = {"step": self.global_step, "loss": summary["loss"], "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": summary["tokens_per_s"], "samples_per_s": summary["samples_per_s"],
-                  "data_wait": summary["data_wait"]}
+                  "tflops": summary["tflops"]}
+        if self.plan.peak_tflops:
+            record["mfu"] = summary["tflops"] / self.plan.peak_tflops
+        if self.engine.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
+        record["data_wait"] = summary["data_wait"]
         if self.plan.precision == "fp16":
             opt = self.engine.optimizer
             record["loss_scale"] = _float_or_none(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None))
@@ -248,7 +256,8 @@ def make_trainer(plan, engine, tokenizer, train_dataset, eval_sets, dist, checkp
     from ds_mlm.loader import StepLoader
     from ds_mlm.sampler import GlobalBatchSampler
 
-    masking = dict(mlm_probability=plan.mlm_probability, whole_word_mask=plan.whole_word_mask)
+    masking = dict(mlm_probability=plan.mlm_probability, whole_word_mask=plan.whole_word_mask,
+                   pad_to_multiple_of=COMPILE_WIDTH_MULTIPLE if plan.torch_compile else None)
     sampler = GlobalBatchSampler(len(train_dataset), plan.global_batch, plan.micro_batch, dist.rank, dist.world_size,
                                  plan.seed)
     loader = StepLoader(sampler, train_dataset, MLMCollator.from_tokenizer(tokenizer, seed=plan.seed, **masking),

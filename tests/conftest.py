@@ -25,6 +25,9 @@ def cpu_mixed_precision() -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+# The keys of a train_log.jsonl record that measure time, not training: runs compare every other number exactly.
+TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib")
+
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -118,8 +121,6 @@ def read_log(out) -> list:
     return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
 
 
-TIMING = ("tokens_per_s", "samples_per_s", "data_wait")
-
 
 def numbers(out) -> list:
     """The log's records without their timing fields: what must be equal between two runs of the same steps."""
@@ -159,3 +160,80 @@ def no_dropout_config(tmp_path_factory) -> Path:
     RobertaConfig(**{**_COMMON, **PRESETS["roberta-tiny"], "hidden_dropout_prob": 0.0,
                      "attention_probs_dropout_prob": 0.0}).to_json_file(str(path))
     return path
+
+
+# -- an in-process trainer over a list-backed dataset (tests/test_trainer.py, tests/test_throughput.py) -------------
+
+SEQ = 64
+
+
+class ListDataset:
+    """The dataset interface the trainer reads: len() and __getitems__(indices) -> list of 1-D LongTensors."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitems__(self, indices):
+        return [self.samples[i] for i in indices]
+
+
+def blocks(tokenizer, folder, lines_per_file):
+    """<s> ids </s> blocks of SEQ tokens from the first lines of each file (a tiny packed dataset)."""
+    import torch
+
+    ids = []
+    for path in sorted(folder.glob("*.txt")):
+        for line in path.read_text(encoding="utf-8").splitlines()[:lines_per_file]:
+            ids += tokenizer(line, add_special_tokens=False)["input_ids"]
+    n = SEQ - 2
+    return ListDataset([torch.tensor([tokenizer.bos_token_id, *ids[i:i + n], tokenizer.eos_token_id])
+                        for i in range(0, len(ids) - n + 1, n)])
+
+
+@pytest.fixture(scope="module")
+def data(bpe_tokenizer_dir):
+    """(tokenizer, train set, eval set) for in-process trainers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+    return tokenizer, blocks(tokenizer, SAMPLE / "train", 400), blocks(tokenizer, SAMPLE / "eval", 40)
+
+
+def make_trainer(tmp_path, data, world, *flags, eval_set=True):
+    """A trainer assembled as run_mlm.main assembles it (minus the lock and the dataset build)."""
+    import logging
+
+    from ds_mlm.args import parse_args
+    from ds_mlm.checkpointer import Checkpointer
+    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.model import resolve_config
+    from ds_mlm.plan import make_plan
+    from ds_mlm.precision import this_device
+    from ds_mlm.run_mlm import setup_training
+
+    tokenizer, train_set, evaluation = data
+    model_args, data_args, args = parse_args(
+        ["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture", "roberta-tiny",
+         "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
+    device = this_device()
+    ds_json = resolve_ds_config(args, world.world_size, device.name)
+    config = resolve_config(model_args, tokenizer, SEQ)
+    plan, warning = make_plan(model_args, data_args, args, ds_json, device, world.world_size, config, "tokenizer")
+    if warning:
+        logging.getLogger("ds_mlm").warning(warning)
+    plan = plan.with_data(len(train_set))
+    checkpointer = Checkpointer(plan.output_dir, world, args.save_total_limit)
+    chosen = checkpointer.choose(args.resume_from_checkpoint, args.overwrite_output_dir)
+    return setup_training(plan, model_args, data_args, args, tokenizer, world, checkpointer, chosen, train_set,
+                          {"eval": evaluation} if eval_set else None, config)
+
+
+def train(trainer):
+    """trainer.train() without save-on-signal handlers (a test's own signals stay the test runner's)."""
+    from ds_mlm.signals import StopOnSignal
+
+    with StopOnSignal(False) as stop:
+        return trainer.train(stop)

@@ -48,6 +48,10 @@ def test_in_run_export_is_the_trained_fp32_model(zero3_run, small_corpus):
     assert model.lm_head.decoder.weight.data_ptr() == model.roberta.embeddings.word_embeddings.weight.data_ptr()
     tokenizer = AutoTokenizer.from_pretrained(zero3_run / "roberta_thai_tokenizer")
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    # trained with the vocabulary padded to 2048 rows (--pad_vocab_multiple 64, the default); exported without them
+    trained = json.loads((zero3_run / "checkpoint-6" / "config.json").read_text())
+    assert (trained["vocab_size"], trained["unpadded_vocab_size"]) == (2048, len(tokenizer))
+    assert model.config.vocab_size == model.roberta.embeddings.word_embeddings.weight.shape[0] == len(tokenizer)
     fill(model_dir)
 
     # The run's last evaluation (sharded over 2 ranks, fp32 weights) equals the exported model's loss on the same
@@ -80,6 +84,7 @@ def test_export_command_on_a_zero3_checkpoint(zero3_run, tmp_path):
     assert f"exported {zero3_run / 'checkpoint-6'} to {exported / 'roberta_thai'}" in proc.stdout
     a = AutoModelForMaskedLM.from_pretrained(exported / "roberta_thai")
     b = AutoModelForMaskedLM.from_pretrained(zero3_run / "roberta_thai")
+    assert a.config.vocab_size == a.lm_head.bias.shape[0] == 2000  # the tokenizer's length, no padding rows
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name  # the checkpoint's fp32 partitions == the live engine's gathered weights
     assert (exported / "roberta_thai_tokenizer").is_dir()

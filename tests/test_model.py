@@ -12,7 +12,8 @@ from ds_mlm.model import PRESETS, build_model, check_compatible, make_config
 
 
 def margs(**kw):
-    base = dict(architecture="roberta-tiny", config_name=None, model_name_or_path=None, model_dir=None)
+    base = dict(architecture="roberta-tiny", config_name=None, model_name_or_path=None, model_dir=None,
+                pad_vocab_multiple=1, attn_implementation="sdpa")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -86,3 +87,88 @@ def test_masked_positions_only_give_the_full_logits_loss_and_gradients(tok):
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def masked_batch(tok, rows=3, width=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, len(tok), (rows, width), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    picked = torch.rand(input_ids.shape, generator=g) < 0.3
+    labels[picked] = input_ids[picked]
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+
+
+def test_padded_vocabulary_changes_shapes_not_numbers(tok):
+    """--pad_vocab_multiple 64: 2000 rows become 2048 zero-padded ones, tied as before; same names, same initial
+    weights, same loss, no gradient into the padding, logits only for the tokenizer's ids."""
+    from ds_mlm.model import VOCAB_ROWS, padded_vocab_size, unpad_state_dict
+
+    assert [padded_vocab_size(n, m) for n, m in ((2000, 64), (2048, 64), (50265, 64), (50265, 8), (2000, 1),
+                                                 (2000, 0))] == [2048, 2048, 50304, 50272, 2000, 2000]
+    torch.manual_seed(0)
+    plain = build_model(margs(), tok, 64).eval()
+    after_plain = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    padded = build_model(margs(pad_vocab_multiple=64), tok, 64).eval()
+    assert torch.equal(torch.random.get_rng_state(), after_plain)  # padding drew no random numbers
+    assert plain.config.vocab_size == len(tok) == 2000 and padded.config.vocab_size == 2048
+    assert padded.real_vocab_size == plain.real_vocab_size == 2000
+    emb = padded.roberta.embeddings.word_embeddings
+    assert emb.weight.shape == (2048, 128) and padded.lm_head.bias.shape == (2048,)
+    assert padded.lm_head.decoder.weight is emb.weight and padded.lm_head.decoder.bias is padded.lm_head.bias
+    assert [n for n, _ in padded.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert padded.state_dict().keys() == plain.state_dict().keys()
+    assert not emb.weight[2000:].any() and not padded.lm_head.bias[2000:].any()
+    for (name, a), b in zip(plain.state_dict().items(), unpad_state_dict(padded.state_dict(), 2000).values()):
+        assert torch.equal(a, b), name  # the real rows and every other weight: the unpadded model's
+    assert set(VOCAB_ROWS) <= set(padded.state_dict())
+
+    batch = masked_batch(tok)
+    losses = []
+    for model in (plain, padded):
+        loss_sum, count = model(**batch)
+        loss_sum.backward()
+        losses.append(float(loss_sum))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert not emb.weight.grad[2000:].any() and not padded.lm_head.bias.grad[2000:].any()
+    assert emb.weight.grad[:2000].any()
+    assert torch.allclose(emb.weight.grad[:2000], plain.roberta.embeddings.word_embeddings.weight.grad, atol=1e-6)
+    logits = padded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape == (3, 20, 2000)  # no id without a token
+    torch.testing.assert_close(logits, plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+
+
+def test_warm_start_from_an_export_is_padded_again(tok, tmp_path):
+    torch.manual_seed(0)
+    first = build_model(margs(), tok, 64)
+    first.save_pretrained(tmp_path / "export")
+    again = build_model(margs(model_name_or_path=str(tmp_path / "export"), pad_vocab_multiple=128), tok, 64)
+    assert again.config.vocab_size == 2048 and again.real_vocab_size == 2000
+    assert torch.equal(again.roberta.embeddings.word_embeddings.weight[:2000],
+                       first.roberta.embeddings.word_embeddings.weight)
+
+
+def test_attention_implementations_agree_and_flash_needs_cuda(tok):
+    """eager and sdpa compute the same network; flash_attention_2 without flash_attn or CUDA is one line."""
+    batch = masked_batch(tok, seed=1)
+    batch["attention_mask"][0, 15:] = 0  # a padded row: the mask must reach every kernel
+    losses = {}
+    for attn in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = build_model(margs(attn_implementation=attn), tok, 64).eval()
+        assert model.config._attn_implementation == attn
+        losses[attn] = float(model(**batch)[0])
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    assert "_attn_implementation" not in model.config.to_json_string()  # exports load with transformers' default
+    with pytest.raises(UserError, match="flash_attention_2 needs the flash_attn package and a CUDA GPU"):
+        build_model(margs(attn_implementation="flash_attention_2"), tok, 64)
+
+
+def test_shape_flags_are_checked():
+    from ds_mlm.args import ModelArguments
+
+    assert ModelArguments().pad_vocab_multiple == 64 and ModelArguments().attn_implementation == "sdpa"
+    with pytest.raises(UserError, match="unknown --attn_implementation 'flash'"):
+        ModelArguments(attn_implementation="flash")
+    with pytest.raises(UserError, match="--pad_vocab_multiple -8 must be 0 or more"):
+        ModelArguments(pad_vocab_multiple=-8)

@@ -13,78 +13,8 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, cpu_mixed_precision, crash_after_step, launcher_cmd, numbers, read_log, run
-from ds_mlm.args import parse_args
-
-SEQ = 64
-
-
-class ListDataset:
-    """The dataset interface the trainer reads: len() and __getitems__(indices) -> list of 1-D LongTensors."""
-
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitems__(self, indices):
-        return [self.samples[i] for i in indices]
-
-
-def blocks(tokenizer, folder, lines_per_file):
-    """<s> ids </s> blocks of SEQ tokens from the first lines of each file (a tiny packed dataset)."""
-    ids = []
-    for path in sorted(folder.glob("*.txt")):
-        for line in path.read_text(encoding="utf-8").splitlines()[:lines_per_file]:
-            ids += tokenizer(line, add_special_tokens=False)["input_ids"]
-    n = SEQ - 2
-    return ListDataset([torch.tensor([tokenizer.bos_token_id, *ids[i:i + n], tokenizer.eos_token_id])
-                        for i in range(0, len(ids) - n + 1, n)])
-
-
-@pytest.fixture(scope="module")
-def data(bpe_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    from conftest import SAMPLE
-
-    tokenizer = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
-    return tokenizer, blocks(tokenizer, SAMPLE / "train", 400), blocks(tokenizer, SAMPLE / "eval", 40)
-
-
-def make_trainer(tmp_path, data, world, *flags, eval_set=True):
-    """A trainer assembled as run_mlm.main assembles it (minus the lock and the dataset build)."""
-    from ds_mlm.checkpointer import Checkpointer
-    from ds_mlm.ds_config import resolve_ds_config
-    from ds_mlm.model import resolve_config
-    from ds_mlm.plan import make_plan
-    from ds_mlm.precision import this_device
-    from ds_mlm.run_mlm import setup_training
-
-    tokenizer, train, evaluation = data
-    model_args, data_args, args = parse_args(
-        ["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture", "roberta-tiny",
-         "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
-    device = this_device()
-    ds_json = resolve_ds_config(args, world.world_size, device.name)
-    config = resolve_config(model_args, tokenizer, SEQ)
-    plan, warning = make_plan(model_args, data_args, args, ds_json, device, world.world_size, config, "tokenizer")
-    if warning:
-        logging.getLogger("ds_mlm").warning(warning)
-    plan = plan.with_data(len(train))
-    checkpointer = Checkpointer(plan.output_dir, world, args.save_total_limit)
-    chosen = checkpointer.choose(args.resume_from_checkpoint, args.overwrite_output_dir)
-    return setup_training(plan, model_args, data_args, args, tokenizer, world, checkpointer, chosen, train,
-                          {"eval": evaluation} if eval_set else None)
-
-
-def train(trainer):
-    from ds_mlm.signals import StopOnSignal
-
-    with StopOnSignal(False) as stop:
-        return trainer.train(stop)
-
+from conftest import (REPO, SEQ, cpu_mixed_precision, crash_after_step, launcher_cmd, make_trainer, numbers,
+                      read_log, run, train)
 
 def test_loss_falls_over_100_steps(tmp_path, data, world_of_one):
     trainer = make_trainer(tmp_path, data, world_of_one, "--max_steps", "100", "--learning_rate", "1e-3",
