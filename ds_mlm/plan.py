@@ -143,17 +143,20 @@ def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps, so
 def _deepspeed_accepts(config: dict, source: str) -> None:
     """DeepSpeed's own validation (pydantic: unknown or mistyped keys inside its blocks), before anything is written,
     instead of a traceback from deepspeed.initialize later. The batch arithmetic was checked already; without a
-    process group DeepSpeed counts a world of one, so it sees this rank's share of the global batch."""
+    process group DeepSpeed counts a world of one (and a test may plan for another world than its own), so it is given
+    the batch of the world it will count."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from ds_mlm import distributed
+
+    import torch
 
     checked = copy.deepcopy(config)
     sched = checked.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps", 0) is None:
         sched["total_num_steps"] = 1  # a stand-in until the step count is known
-    if not distributed.initialized():
-        checked["train_batch_size"] = checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"]
+    world = torch.distributed.get_world_size() if distributed.initialized() else 1  # the world DeepSpeed will count
+    checked["train_batch_size"] = checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"] * world
     try:
         DeepSpeedConfig(checked)
     except Exception as e:  # noqa: BLE001 (pydantic's ValidationError, ValueError, AssertionError...)

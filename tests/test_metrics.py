@@ -20,19 +20,22 @@ def test_window_is_per_masked_token_and_restores_on_its_holder_only():
     w = Window(torch.device("cpu"))
     for loss_sum, masked in ((20.0, 10), (40.0, 10), (30.0, 20)):  # micro-batch sums of the masked tokens' CE
         w.add_loss(torch.tensor(loss_sum))
-        w.add_step(masked=masked, tokens=100, samples=2, waited=0.5)
+        w.add_step(masked=masked, tokens=100, samples=2, waited=0.5, flops=1e14)
     saved = w.state_dict()
     seconds = saved.pop("seconds")
-    assert saved == {"loss_sum": 90.0, "masked": 40, "tokens": 300, "samples": 6, "waited": 1.5} and seconds >= 0
+    assert saved == {"loss_sum": 90.0, "masked": 40, "tokens": 300, "samples": 6, "flops": 3e14, "waited": 1.5}
+    assert seconds >= 0
     other = Window(torch.device("cpu"))
     other.load_state_dict({**saved, "seconds": 1000.0}, holder=True)  # the window had run 1000 s before the stop
     summary = other.summary()
     assert summary["loss"] == 90.0 / 40  # per masked token, not the mean of the micro-batch means (2.5, not 2.25)
     assert 0.29 < summary["tokens_per_s"] <= 0.3 and 0.0059 < summary["samples_per_s"] <= 0.006  # 300 / 1000 s
     assert summary["data_wait"] == pytest.approx(1.5 / 1000, rel=1e-3)
+    assert summary["tflops"] == pytest.approx(0.3, rel=1e-3)  # 3e14 FLOPs / 1000 s / 1 rank / 1e12
+    assert other.summary(world_size=4)["tflops"] == 0.0  # reset; per device: divided by the ranks
     after = other.state_dict()
     assert after.pop("seconds") < 1.0  # reset: a new window starts now
-    assert after == {"loss_sum": 0.0, "masked": 0, "tokens": 0, "samples": 0, "waited": 0.0}
+    assert after == {"loss_sum": 0.0, "masked": 0, "tokens": 0, "samples": 0, "flops": 0.0, "waited": 0.0}
     not_holder = Window(torch.device("cpu"))
     not_holder.load_state_dict({**saved, "seconds": 10.0}, holder=False)  # another rank: the sums are rank 0's
     assert not_holder.masked == 0 and not_holder.loss_sum.item() == 0.0
@@ -54,6 +57,10 @@ def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
     assert [s for s, _ in scalars["train/grad_norm"]] == [1]  # None is not plotted
     assert scalars["eval/perplexity"][0][1] == pytest.approx(perplexity(6.0), rel=1e-6)
     assert {"train/lr", "train/tokens_per_s", "train/samples_per_s", "eval/loss"} <= set(scalars)
+    from ds_mlm.metrics import TENSORBOARD_TAGS
+
+    assert {TENSORBOARD_TAGS[k] for k in ("tflops", "mfu", "peak_memory_gib", "data_wait")} == {
+        "train/tflops", "train/mfu", "train/peak_memory_gib", "train/data_wait"}
 
     # a resume from the checkpoint taken after step 1: the later records are redone, so they are cut off
     w = MetricsWriter(str(out), str(runs), rank=0, truncate_at=cut, purge_from=2)

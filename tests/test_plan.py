@@ -33,7 +33,7 @@ def test_the_plan_holds_the_effective_settings_and_the_args_stay_as_given(tmp_pa
     assert (plan.micro_batch, plan.grad_accumulation, plan.world_size, plan.global_batch) == (4, 2, 2, 16)
     assert (plan.steps_per_epoch, plan.max_steps, plan.epochs) == (62, 124, 2.0)  # 1000 // 16 steps per epoch
     assert (plan.precision, plan.zero_stage, plan.learning_rate, plan.warmup_steps) == ("bf16", 2, 3e-4, 5)
-    assert plan.model["vocab_size"] == 1000 and plan.seq_length == 64
+    assert plan.model["vocab_size"] == 1024 and plan.seq_length == 64  # the rows it trains with (padded to 64)
     ds = plan.ds_config
     assert (ds["train_batch_size"], ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (16, True, False)
     params = ds["optimizer"]["params"]
@@ -89,8 +89,10 @@ def test_resume_refuses_what_the_checkpoint_cannot_fit(tmp_path):
     }
     for flags, line in cases.items():
         assert compare(saved, plan_of(tmp_path, *flags)[0])[0] == [line]
-    assert compare(saved, plan_of(tmp_path, config=other_model)[0])[0] == [
-        "the model: vocab_size 1000 in the checkpoint, vocab_size 1200 now"]
+    assert compare(saved, plan_of(tmp_path, config=other_model)[0])[0] == [  # the rows padded to a multiple of 64
+        "the model: vocab_size 1024 in the checkpoint, vocab_size 1216 now"]
+    assert compare(saved, plan_of(tmp_path, "--pad_vocab_multiple", "1")[0])[0] == [
+        "the model: vocab_size 1024 in the checkpoint, vocab_size 1000 now"]
     assert compare(saved, plan_of(tmp_path, samples=999)[0])[0] == [
         "the training data: 1000 in the checkpoint, 999 now"]
     assert compare(saved, plan_of(tmp_path, tokenizer="tok-b")[0])[0] == [

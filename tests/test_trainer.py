@@ -190,8 +190,8 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path, sm
 
     acc = EventAccumulator(str(crashed / "runs"))
     acc.Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
-            "eval/perplexity"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/tflops",
+            "train/data_wait", "eval/loss", "eval/perplexity"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
