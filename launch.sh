@@ -79,6 +79,7 @@ show() {
 stop_signal=''
 interrupted=''
 current=''
+# shellcheck disable=SC2329  # called by the traps below
 stop() {
   stop_signal=$1
   interrupted=1
@@ -260,6 +261,9 @@ fi
 
 # -- go ------------------------------------------------------------------------------------------------------------
 
+# The rest is one block, read whole before it runs: bash reads a script as it goes, and launch.sh now outlives its
+# job, so a file changed meanwhile (a git pull during a week-long run) would otherwise run garbage after the job.
+{
 bash "$root/scripts/bootstrap.sh"  # installs what is missing; returns at once when done
 exit_if_stopped  # a signal during the install
 
@@ -296,7 +300,8 @@ elif [ "$mode" = per-node ]; then
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"
     --master_addr "$master_addr" --master_port "$master_port" "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 else
-  # The ranks run on the other nodes: the signal goes to the runner, whose pdsh mode handles it (pkill on every node)
+  # The ranks run elsewhere: the signal goes to the runner. In pdsh mode it passes SIGTERM on to every node (pkill);
+  # a backend it has no handler for (mpirun, srun) is orphaned when it dies, and gets the signal next.
   ranks_of=''
   # The other nodes' environment: the launcher exports what DS_ENV_FILE lists. Ours first, then the user's own
   # files from where the launcher would have read them (comments and blank lines dropped: it cannot parse them).
@@ -324,3 +329,5 @@ run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"
 [ "$demo" = 1 ] || exit 0
 run "$python" -m ds_mlm.fill_mask "$PROJECT_OUTPUT_DIR/roberta_thai" \
   "นายกรัฐมนตรี เป็นประธานการประชุม<mask>" "The <mask> of the school was there."
+exit 0
+}

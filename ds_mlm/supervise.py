@@ -58,6 +58,10 @@ PREFIX = "launch.sh"  # its only caller: the lines read as launch.sh's
 POLL_SECONDS = 0.2  # while stopping: how often the process tree is looked at (new ranks, orphans, the end)
 REAP_SECONDS = 10.0  # after SIGKILL: how long to wait for the kernel (a process in D state cannot die at once)
 LAUNCHER_FAILED = 1  # what torchrun and deepspeed.launcher.launch exit with when signalled or a worker failed
+# An agent without ranks this long while stopping is waiting for something else (torchrun's rendezvous with the other
+# nodes): it gets the signal itself. Shorter would catch a launcher that is only tearing down after its ranks ended
+# (deepspeed.launcher.launch looks at them once a second), and turn the ranks' status into the launcher's own 1.
+AGENT_IDLE_SECONDS = 5.0
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
@@ -83,6 +87,8 @@ class Job:
     """(pid, start time) of every process sent the stop signal: each gets it once."""
     killed_at: float = None
     """time.monotonic() of the first SIGKILL."""
+    childless: dict = field(default_factory=dict)
+    """(pid, start time) of each agent seen without ranks while stopping -> since when (time.monotonic())."""
 
     def __post_init__(self):
         if not self.command:
@@ -149,19 +155,23 @@ def live_tree() -> list:
 
 def targets(job: Job, tree: list) -> list:
     """Who is sent the stop signal: the ranks (children of the agents), anything orphaned to this process, and
-    without --ranks-of COMMAND itself. Never an agent or, with --ranks-of, the launcher above it: they would die or
-    forward, and the status the ranks exit with would be lost on the way."""
-    agents = {p.pid for p in tree if job.ranks_of and _runs_module(p, job.ranks_of)}
-    chosen = []
+    without --ranks-of COMMAND itself. Not an agent (unless it has had no rank for AGENT_IDLE_SECONDS) nor, with
+    --ranks-of, the launcher above it: they would die or forward, and the ranks' exit status be lost on the way."""
+    parents = {}
     for proc in tree:
         try:
-            parent = proc.ppid()
+            parents[proc.pid] = proc.ppid()
         except psutil.Error:
-            continue
-        if proc.pid in agents:
-            continue
-        if parent in agents or (parent == os.getpid() and (proc.pid != job.child.pid or not job.ranks_of)):
-            chosen.append(proc)
+            pass
+    agents = {p.pid: p for p in tree if job.ranks_of and _runs_module(p, job.ranks_of)}
+    chosen = [p for p in tree if p.pid in parents and p.pid not in agents and (
+        parents[p.pid] in agents or (parents[p.pid] == os.getpid() and (p.pid != job.child.pid or not job.ranks_of)))]
+    now, with_ranks = time.monotonic(), set(parents[p.pid] for p in chosen if p.pid in parents)
+    for pid, agent in agents.items():
+        if pid in with_ranks:
+            job.childless.pop(_key(agent), None)
+        elif now - job.childless.setdefault(_key(agent), now) >= AGENT_IDLE_SECONDS:
+            chosen.append(agent)
     return chosen
 
 
@@ -171,6 +181,12 @@ def begin_stop(job: Job, signum: int, why: str) -> None:
     who = "each rank" if job.ranks_of else "the command"
     say(f"{why}: stopping the job: {name} to {who}, SIGKILL to whatever is left after {job.grace:g} s "
         f"(STOP_GRACE_SECONDS)")
+
+
+def describe(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
 
 
 def reap(job: Job) -> None:
@@ -207,6 +223,7 @@ def step(job: Job) -> bool:
                                 f"are still running")
     if job.stop is not None and job.killed_at is None:
         fresh = [p for p in targets(job, tree) if _key(p) not in job.signalled]
+        names = [f"{p.pid} ({_name(p)})" for p in fresh]  # before the signal: a process may be gone right after
         for proc in fresh:
             job.signalled.add(_key(proc))
             try:
@@ -214,7 +231,7 @@ def step(job: Job) -> bool:
             except psutil.Error:
                 pass
         if fresh:
-            say(f"{signal.Signals(job.stop).name} sent to " + ", ".join(f"{p.pid} ({_name(p)})" for p in fresh))
+            say(f"{signal.Signals(job.stop).name} sent to " + ", ".join(names))
     if job.stop is not None and tree and time.monotonic() >= job.deadline:
         if job.killed_at is None:
             job.killed_at = time.monotonic()
@@ -229,12 +246,6 @@ def step(job: Job) -> bool:
             say("still there after SIGKILL (uninterruptible): " + ", ".join(str(p.pid) for p in tree))
             return False
     return job.status is None or bool(tree)
-
-
-def describe(status: int) -> str:
-    if status < 0:
-        return f"killed by {signal.Signals(-status).name}"
-    return f"exit status {status}"
 
 
 def exit_status(job: Job) -> int:

@@ -161,3 +161,24 @@ def test_the_demo_chain_stops_in_its_first_command_and_starts_no_other(tmp_path,
     assert "-m ds_mlm.train_tokenizer" in text and "deepspeed.launcher" not in text and "fill_mask" not in text
     assert "launch.sh: stopped by SIGINT (exit status 130)" in text and "Traceback" not in text
     assert not (tmp_path / "demo" / "tokenizer").exists()  # only a complete tokenizer is moved into place
+
+
+def test_a_torchrun_node_waiting_for_the_others_stops_at_once(tmp_path, bpe_tokenizer_dir, small_corpus):
+    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, **TRAINING, LAUNCHER="torchrun", N_NODES="2",
+                  NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # node 1 never comes
+    log = tmp_path / "launch.log"
+    proc = start(["bash", LAUNCH], log, env)
+    deadline = time.monotonic() + 120
+    while not [p for p in job_processes(str(tmp_path)) if p.cmdline()[1:3] == ["-m", "torch.distributed.run"]]:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(3.0)  # in its rendezvous: no rank exists to pass the signal to
+    before = job_processes(str(tmp_path))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=GRACE + 30)
+    took, text = time.monotonic() - sent, log.read_text()
+    assert code == 143, text[-3000:]
+    assert took < 15, f"{took:.1f} s: torchrun itself gets the signal once it has had no rank for 5 s"
+    assert job_processes(str(tmp_path)) == [] and not [p for p in before if p.is_running()]
+    assert "SIGTERM sent to" in text and "(torch.distributed.run)" in text

@@ -44,12 +44,25 @@ while True:
     time.sleep(0.05)
 '''
 AGENT = r'''"""Like deepspeed.launcher.launch: starts N ranks; when one ends non-zero, SIGTERM to the others, their
-end awaited, its status passed on. Records any signal it gets itself (it should get none)."""
+end awaited, its status passed on. Records any signal it gets itself. With N = 0, like torchrun waiting for its
+rendezvous: no rank starts, a signal ends it (status 1)."""
 import os, signal, subprocess, sys, time
 folder, n = sys.argv[1], int(sys.argv[2])
+ranks = []
+
+
+def got(signum, frame):
+    with open(os.path.join(folder, "agent-signalled"), "a") as f:
+        print(signum, file=f)
+    if not ranks:  # still waiting for the other nodes (n = 0: forever), like torchrun: the signal ends the wait
+        sys.exit(1)
+
+
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-    signal.signal(sig, lambda s, f: open(os.path.join(folder, "agent-signalled"), "a").write(f"{s}\n"))
-ranks = [subprocess.Popen([sys.executable, os.path.join(folder, "rank.py"), folder]) for _ in range(n)]
+    signal.signal(sig, got)
+if n == 0:
+    time.sleep(600)
+ranks += [subprocess.Popen([sys.executable, os.path.join(folder, "rank.py"), folder]) for _ in range(n)]
 while True:
     codes = [r.poll() for r in ranks]
     bad = [c for c in codes if c not in (None, 0)]
@@ -166,6 +179,17 @@ def test_ranks_started_after_the_signal_get_it_too(stand_in):
     assert status != 0 and gone(seen)
     assert len(seen) == 4  # runner, agent and both ranks were started, and ended
     assert "SIGTERM sent to" in proc.stderr.read()
+
+
+def test_an_agent_that_starts_no_rank_gets_the_signal_itself(stand_in):
+    proc = supervised(stand_in, ranks=0)
+    wait_for(lambda: len(job_pids(proc.pid)) == 2, what="the runner and the agent")
+    time.sleep(0.5)  # past the agent's start-up
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 143  # the agent's generic 1 after a stop: 128 + SIGTERM
+    assert 5.0 <= time.monotonic() - started < 10.0  # AGENT_IDLE_SECONDS: first it might still start its ranks
+    assert (stand_in / "agent-signalled").read_text().split() == [str(int(signal.SIGTERM))]
 
 
 def test_without_ranks_of_the_command_gets_the_signal_then_what_it_leaves(stand_in):
