@@ -98,7 +98,10 @@ class Job:
 
 
 def say(message: str) -> None:
-    print(f"{PREFIX}: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"{PREFIX}: {message}", file=sys.stderr, flush=True)
+    except OSError:  # a reader gone (`| tee` died with the Ctrl-C, the terminal hung up): stopping goes on, unheard
+        sys.stderr = open(os.devnull, "w")
 
 
 def _prctl(option: int, value: int) -> bool:

@@ -213,3 +213,14 @@ def test_the_job_stops_when_its_parent_is_killed(stand_in):
     parent.wait()
     wait_for(lambda: gone(pids), timeout=10, what="the job to end")
     assert list(rank_logs(stand_in).values()) == [["SIGTERM"]]
+
+
+def test_a_reader_gone_does_not_stop_the_stopping(stand_in):
+    proc = supervised(stand_in)  # its stderr is a pipe: closed below, as when `| tee` dies with the Ctrl-C
+    wait_for(lambda: len(rank_logs(stand_in)) == 2, what="two ranks")
+    pids = job_pids(proc.pid)
+    proc.stderr.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert list(rank_logs(stand_in).values()) == [["SIGINT"], ["SIGINT"]]
+    assert gone(pids)
