@@ -135,17 +135,14 @@ def _runs_module(proc: psutil.Process, modules: tuple) -> bool:
 
 def _name(proc: psutil.Process) -> str:
     try:
-        argv = proc.cmdline()
+        argv = proc.cmdline() or ["?"]
     except psutil.Error:
-        return "?"
-    if not argv:
-        return "?"
+        argv = ["?"]
     if not os.path.basename(argv[0]).startswith("python"):
         return os.path.basename(argv[0])
-    if "-m" in argv[:-1]:  # of a Python process, the module or script is what a reader recognises
-        return argv[argv.index("-m") + 1]
-    scripts = [w for w in argv[1:] if not w.startswith("-")]
-    return os.path.basename(scripts[0]) if scripts else "python"
+    if "-m" in argv[1:-1] or "-c" in argv[1:-1]:  # of a Python process: its module or script, what a reader knows
+        return argv[argv.index("-m") + 1] if "-m" in argv else "python -c"
+    return os.path.basename(next((w for w in argv[1:] if not w.startswith("-")), "python"))
 
 
 def live_tree() -> list:
@@ -269,9 +266,7 @@ def supervise(job: Job) -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     if _prctl(PR_SET_PDEATHSIG, signal.SIGTERM) and os.getppid() != parent:
         requests.append(signal.SIGTERM)  # the parent died before the death signal was armed
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_read, False)
-    os.set_blocking(wake_write, False)
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK)
     signal.set_wakeup_fd(wake_write)  # every signal (SIGCHLD included) ends the wait below at once
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     if requests:  # stopped before anything started: start nothing

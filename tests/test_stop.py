@@ -16,8 +16,9 @@ import pytest
 from conftest import free_port
 from test_distributed_launchers import no_shm_leak, start
 from test_launch import LAUNCH, job_env, no_launch_variables  # noqa: F401 (an autouse fixture)
+from test_supervise import job_processes, no_leftovers  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 GRACE = 30  # STOP_GRACE_SECONDS: the default
 TRAINING = dict(PROJECT_MAX_STEPS="100000", PROJECT_SAVE_STEPS="100000")  # still training when signalled
 # What a rank says when stopped (ds_mlm.errors.cli; the training loop's save-on-signal may add lines before it)
@@ -29,19 +30,6 @@ def ranks_status(text: str) -> int:
     found = re.findall(r"exits with return code = (-?\d+)", text)
     assert found, "deepspeed.launcher.launch reported no rank's exit status"
     return int(found[0])
-
-
-def job_processes(marker: str) -> list:
-    """Every live process whose command line names `marker` (the test's own directory: no other job matches)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()) \
-                    and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def lines(path) -> int:
