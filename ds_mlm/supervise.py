@@ -160,10 +160,11 @@ def targets(job: Job, tree: list) -> list:
     parents = {}
     for proc in tree:
         try:
-            parents[proc.pid] = proc.ppid()
+            if proc.cmdline():  # empty while a process exits: it is past any handler, leave it be
+                parents[proc.pid] = proc.ppid()
         except psutil.Error:
             pass
-    agents = {p.pid: p for p in tree if job.ranks_of and _runs_module(p, job.ranks_of)}
+    agents = {p.pid: p for p in tree if job.ranks_of and p.pid in parents and _runs_module(p, job.ranks_of)}
     chosen = [p for p in tree if p.pid in parents and p.pid not in agents and (
         parents[p.pid] in agents or (parents[p.pid] == os.getpid() and (p.pid != job.child.pid or not job.ranks_of)))]
     now, with_ranks = time.monotonic(), set(parents[p.pid] for p in chosen if p.pid in parents)
