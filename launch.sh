@@ -41,13 +41,21 @@
 #   PROJECT_LOGGING_STEPS   --logging_steps
 #   DS_CONFIG               --deepspeed_config           a DeepSpeed JSON (a bare name is looked up in ds_configs/)
 #   N_NODES (1), N_GPUS_PER_NODE (GPUs, or 1 without), NODE_RANK, MASTER_ADDR (127.0.0.1 on one node),
-#   MASTER_PORT (29500), HOSTFILE, LAUNCHER (deepspeed), LAUNCHER_ARGS (extra launcher flags, split on spaces).
+#   MASTER_PORT (29500), HOSTFILE, LAUNCHER (deepspeed), LAUNCHER_ARGS (extra launcher flags, split on spaces),
+#   STOP_GRACE_SECONDS (30): how long a stopped job's ranks may take to finish before what is left is killed.
 #
 # Each process gets OMP_NUM_THREADS = cores / processes per node unless it is set, and DS_ACCELERATOR=cpu on a
 # machine without an NVIDIA GPU. From the master, these reach the other nodes through OUTPUT_DIR/launch/deepspeed_env,
 # which the launcher reads (DS_ENV_FILE) and which ends with the lines of your own ~/.deepspeed_env and
 # ./.deepspeed_env, so yours win. Every command is printed before it runs. A missing variable or a malformed hostfile
 # stops with one line `launch.sh: error: ...` and exit status 2.
+#
+# Stopping: SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGUSR1 to launch.sh goes to every rank of the job on this node (each
+# command runs under ds_mlm/supervise.py, which passes the signal on), the ranks' own handling applies, and after
+# STOP_GRACE_SECONDS whatever is left is killed; no further command starts, and the exit status is non-zero. A
+# launcher that is signalled or killed itself (the deepspeed runner, torchrun) cannot leave its ranks running either.
+# From the master (HOSTFILE), the deepspeed runner's pdsh mode sends the other nodes' ranks SIGTERM (pkill), and
+# launch.sh cannot wait for those.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,9 +73,53 @@ show() {
   printf '\n'
 }
 
-run() {
+# Each command runs in the background under the supervisor, so that our traps run while it does (bash defers a trap
+# until a foreground command ends). A signal is passed to the supervisor, which passes it to the ranks; launch.sh
+# waits for it to end, then exits: the next command never starts.
+stop_signal=''
+interrupted=''
+current=''
+# shellcheck disable=SC2329  # called by the traps below
+stop() {
+  stop_signal=$1
+  interrupted=1
+  if [ -n "$current" ]; then kill -s "$1" "$current" 2>/dev/null || true; fi
+}
+for sig in TERM INT HUP USR1; do
+  # shellcheck disable=SC2064  # expanded now, on purpose: each trap names its own signal
+  trap "stop $sig" "$sig"
+done
+
+exit_if_stopped() {  # [STATUS]: after a stop, exit with STATUS (or 128 + the signal where STATUS is 0 or absent)
+  [ -n "$stop_signal" ] || return 0
+  local status=${1:-0}
+  [ "$status" != 0 ] || status=$((128 + $(kill -l "$stop_signal")))
+  echo "launch.sh: stopped by SIG$stop_signal (exit status $status)" >&2
+  exit "$status"
+}
+
+run() {  # [--ranks-of MODULE] COMMAND...: print COMMAND, run it under the supervisor, return its exit status
+  local supervise=("$python" -m ds_mlm.supervise --grace "$grace") status=0 again
+  if [ "$1" = --ranks-of ]; then
+    supervise+=(--ranks-of "$2")
+    shift 2
+  fi
   show "$@"
-  "$@"
+  exit_if_stopped
+  # A background command ignores SIGINT unless told otherwise (`trap -`), so Ctrl-C would not reach it
+  (trap - INT QUIT && exec "${supervise[@]}" -- "$@") </dev/null &
+  current=$!
+  if [ -n "$stop_signal" ]; then kill -s "$stop_signal" "$current" 2>/dev/null || true; fi  # came before $!
+  wait "$current" || status=$?
+  while [ -n "$interrupted" ]; do  # a trap ran: the wait may have been cut short, wait again for the real status
+    interrupted=''
+    again=0
+    wait "$current" 2>/dev/null || again=$?
+    [ "$again" = 127 ] || status=$again  # 127: it had ended before the trap, $status is its status
+  done
+  current=''
+  exit_if_stopped "$status"
+  return "$status"
 }
 
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
@@ -198,6 +250,8 @@ fi
 [ "$demo" = 0 ] || [ "$nodes" -eq 1 ] || die "the demo runs on one machine: set PROJECT_TRAIN_DIR and friends for a multi-node job"
 master_port=${MASTER_PORT:-29500}
 is_count "$master_port" || die "MASTER_PORT=$master_port is not a port number"
+grace=${STOP_GRACE_SECONDS:-30}
+[[ $grace =~ ^[0-9]+$ ]] || die "STOP_GRACE_SECONDS=$grace is not a number of seconds: give e.g. STOP_GRACE_SECONDS=60"
 read -r -a launcher_args <<<"${LAUNCHER_ARGS:-}"
 
 if [ -z "${OMP_NUM_THREADS:-}" ]; then  # the processes of a node share its cores (torchrun would say 1)
@@ -207,7 +261,11 @@ fi
 
 # -- go ------------------------------------------------------------------------------------------------------------
 
+# The rest is one block, read whole before it runs: bash reads a script as it goes, and launch.sh now outlives its
+# job, so a file changed meanwhile (a git pull during a week-long run) would otherwise run garbage after the job.
+{
 bash "$root/scripts/bootstrap.sh"  # installs what is missing; returns at once when done
+exit_if_stopped  # a signal during the install
 
 if [ "$demo" = 1 ] && [ ! -d "$PROJECT_TOKENIZER" ]; then  # trained into a scratch directory, renamed when complete
   rm -rf "$PROJECT_TOKENIZER.partial"
@@ -217,8 +275,8 @@ if [ "$demo" = 1 ] && [ ! -d "$PROJECT_TOKENIZER" ]; then  # trained into a scra
 fi
 
 if [ "$build_only" = 1 ]; then
-  show "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
-  exec "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
+  run "$python" -m ds_mlm.run_mlm "${args[@]}" --build_dataset_only
+  exit 0
 fi
 
 # The hostfile the launcher reads (ours, or a copy of HOSTFILE: the launcher is lenient where we are strict),
@@ -231,13 +289,20 @@ for ((i = 0; i < nodes; i++)); do echo "${hosts[i]} slots=${slots[i]}"; done >"$
 mv "$scratch" "$hostfile"
 
 if [ "$launcher" = torchrun ]; then
+  ranks_of=torch.distributed.run
+  # once a worker has ended, torchrun gives the others this long (default 30 s) before SIGKILL: the same grace
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$grace}
   cmd=("$python" -m torch.distributed.run --nnodes "$nodes" --node_rank "$node_rank"
     --nproc_per_node "${slots[node_rank]}" --master_addr "$master_addr" --master_port "$master_port"
     "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 elif [ "$mode" = per-node ]; then
+  ranks_of=deepspeed.launcher.launch  # the runner starts it, it starts the ranks
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"
     --master_addr "$master_addr" --master_port "$master_port" "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 else
+  # The ranks run elsewhere: the signal goes to the runner. In pdsh mode it passes SIGTERM on to every node (pkill);
+  # a backend it has no handler for (mpirun, srun) is orphaned when it dies, and gets the signal next.
+  ranks_of=''
   # The other nodes' environment: the launcher exports what DS_ENV_FILE lists. Ours first, then the user's own
   # files from where the launcher would have read them (comments and blank lines dropped: it cannot parse them).
   env_file=$launch_dir/deepspeed_env
@@ -260,10 +325,9 @@ else
     ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi
 
-if [ "$demo" = 0 ]; then
-  show "${cmd[@]}" "${args[@]}"
-  exec "${cmd[@]}" "${args[@]}"  # the launcher gets our signals directly
-fi
-run "${cmd[@]}" "${args[@]}"
+run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"
+[ "$demo" = 1 ] || exit 0
 run "$python" -m ds_mlm.fill_mask "$PROJECT_OUTPUT_DIR/roberta_thai" \
   "นายกรัฐมนตรี เป็นประธานการประชุม<mask>" "The <mask> of the school was there."
+exit 0
+}

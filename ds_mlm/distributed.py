@@ -10,6 +10,7 @@ The processes of a node share its CPU cores: without OMP_NUM_THREADS each takes 
 
 import os
 import re
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -160,6 +161,9 @@ def init() -> DistInfo:
     # /dev/shm under the launcher (shared/notes/deepspeed-on-cpu.md): training never needs it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
+        # A rank waiting for its peers in the rendezvous sits in C++, where no Python handler runs: let a signal
+        # end it at once (there is nothing to save yet) instead of waiting for the launcher's SIGKILL.
+        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             deepspeed.init_distributed(dist_init_required=True, verbose=False)
         except RuntimeError as e:  # torch's DistNetworkError is one
@@ -168,6 +172,9 @@ def init() -> DistInfo:
                                 f"already in use (another job, or one that has not finished exiting): give another "
                                 f"port, e.g. MASTER_PORT={_free_port()} (launcher: --master_port)") from None
             raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     return env_info()
 
 

@@ -37,8 +37,20 @@ def _raise_terminated(signum, frame):
 
 def install_stop_handlers() -> None:
     """SIGTERM and SIGHUP raise Terminated in the main thread (SIGINT raises KeyboardInterrupt already)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_terminated)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated if sig != signal.SIGINT else signal.default_int_handler)
+
+
+def ignore_stop_signals() -> None:
+    """The process has decided how it ends: a late duplicate of a signal (a launcher forwarding it once a peer has
+    exited) must not turn that ending into another one while the interpreter shuts down."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _exit(code: int) -> None:
+    ignore_stop_signals()
+    sys.exit(code)
 
 
 def _rank_prefix() -> str:
@@ -63,19 +75,19 @@ def cli(main):
         except UserError as e:
             message = " ".join(str(e).split("\n"))  # one line, always
             print(f"{_rank_prefix()}ds-mlm: error: {message}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            _exit(EXIT_USER_ERROR)
         except RuntimeError as e:  # torch.distributed.DistBackendError is one too
             if not any(words in str(e) for words in PEER_LOST):
                 raise
             print(f"{_rank_prefix()}ds-mlm: error: lost contact with another process of the job ({type(e).__name__}: "
                   f"{_first_line(e)}): it died or was killed; its own log says why", file=sys.stderr, flush=True)
-            sys.exit(EXIT_PEER_LOST)
+            _exit(EXIT_PEER_LOST)
         except KeyboardInterrupt:
             print(f"{_rank_prefix()}ds-mlm: interrupted", file=sys.stderr, flush=True)
-            sys.exit(128 + signal.SIGINT)
+            _exit(128 + signal.SIGINT)
         except Terminated as e:
             print(f"{_rank_prefix()}ds-mlm: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
-            sys.exit(128 + e.signum)
-        sys.exit(code or 0)
+            _exit(128 + e.signum)
+        _exit(code or 0)
 
     return wrapper

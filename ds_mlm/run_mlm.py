@@ -147,7 +147,7 @@ def train(trainer, tokenizer, save_on_signal: bool) -> int:
     plan, dist = trainer.plan, trainer.dist
     with StopOnSignal(save_on_signal, prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "") as stop:
         outcome = trainer.train(stop)
-    if outcome == "preempted" or stop.requested:
+    if outcome == "preempted" or stop.requested:  # saved, leaving; signals are ignored from here (signals.py)
         return EXIT_PREEMPTED
     last = os.path.join(plan.output_dir, f"checkpoint-{trainer.global_step}")
     export_model(trainer.engine, tokenizer, plan.output_dir,

@@ -10,7 +10,9 @@ others left), they save a complete checkpoint and exit with status EXIT_PREEMPTE
 DUPLICATE_SECONDS later exits at once (os._exit): a save it interrupts has no COMPLETE marker yet, so the newest
 complete checkpoint is untouched. Signals within DUPLICATE_SECONDS of the first are the same request delivered twice
 (Ctrl-C reaches every process of the terminal's group and the launcher forwards it too; Slurm signals every process
-of the step), not a second request. Outside this block, errors.cli's handlers apply (unwind, exit 128 + signal).
+of the step), not a second request. Outside this block, errors.cli's handlers apply (unwind, exit 128 + signal);
+after a requested stop they are not restored: the process is leaving with its checkpoint, and a late duplicate (a
+launcher signalling the ranks that are left once one has exited) is ignored rather than changing its exit status.
 """
 
 import os
@@ -51,6 +53,10 @@ class StopOnSignal:
         return self
 
     def __exit__(self, *exc) -> None:
+        from ds_mlm.errors import ignore_stop_signals
+
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self.requested is not None:
+            ignore_stop_signals()

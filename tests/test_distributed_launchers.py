@@ -12,8 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import DIST_ENV, REPO, free_port
 
+pytestmark = pytest.mark.slow  # each test starts launchers and ranks
 PYTHON = sys.executable
 TINY = ["--architecture", "roberta-tiny", "--max_seq_length", "64", "--max_steps", "4", "--logging_steps", "1",
         "--save_steps", "4", "--per_device_train_batch_size", "4"]

@@ -93,6 +93,7 @@ def test_mistakes_stop_before_anything_runs_with_one_line(env, message, tmp_path
     assert "running:" not in proc.stdout and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_dataset_only_build_runs_one_process_and_trains_nothing(tmp_path, bpe_tokenizer_dir, small_corpus):
     proc = launch(job_env(tmp_path, bpe_tokenizer_dir, small_corpus, BUILD_DATASET_ONLY="1"))
     assert "launch.sh: running:" in proc.stdout and "-m ds_mlm.run_mlm" in proc.stdout
@@ -101,6 +102,7 @@ def test_dataset_only_build_runs_one_process_and_trains_nothing(tmp_path, bpe_to
     assert not (tmp_path / "out").exists()  # nothing was trained
 
 
+@pytest.mark.slow
 def test_two_nodes_through_launch_sh_share_one_cache_built_once(tmp_path, bpe_tokenizer_dir, small_corpus):
     port = free_port()
     env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, PROJECT_EVAL_DIR=str(small_corpus[1]), N_NODES="2",
@@ -122,6 +124,7 @@ def test_two_nodes_through_launch_sh_share_one_cache_built_once(tmp_path, bpe_to
     assert no_shm_leak(port)
 
 
+@pytest.mark.slow
 def test_torchrun_through_launch_sh_builds_the_cache_once(tmp_path, bpe_tokenizer_dir, small_corpus):
     env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, LAUNCHER="torchrun", N_GPUS_PER_NODE="2",
                   MASTER_PORT=str(free_port()))
@@ -132,6 +135,7 @@ def test_torchrun_through_launch_sh_builds_the_cache_once(tmp_path, bpe_tokenize
     assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_two_nodes_from_the_master_pass_the_environment_on(tmp_path, bpe_tokenizer_dir, small_corpus):
     bin_dir, home = tmp_path / "bin", tmp_path / "home"
     bin_dir.mkdir()
@@ -158,6 +162,7 @@ def test_two_nodes_from_the_master_pass_the_environment_on(tmp_path, bpe_tokeniz
         assert (tmp_path / "out" / "checkpoint-4" / f"rng_state_{rank}.pt").is_file()
 
 
+@pytest.mark.slow
 def test_demo_path_with_tiny_values_then_again(tmp_path, small_corpus):
     env = {"PROJECT_DEMO_DIR": str(tmp_path / "demo"), "PROJECT_EVAL_DIR": str(small_corpus[1]),
            "PROJECT_DEMO_VOCAB_SIZE": "1000", "PROJECT_MAX_STEPS": "4", "PROJECT_MAX_SEQ_LENGTH": "64",

@@ -26,19 +26,31 @@ print("not reached")
 """
 
 
-def test_first_signal_is_a_request_and_handlers_are_restored(capsys):
-    before = signal.getsignal(signal.SIGTERM)
-    with StopOnSignal() as stop:
-        assert stop.requested is None
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.05)
-        assert stop.requested == "SIGUSR1"
-        os.kill(os.getpid(), signal.SIGTERM)  # within DUPLICATE_SECONDS: the same request
-        time.sleep(0.05)
-    assert signal.getsignal(signal.SIGTERM) is before
+def test_first_signal_is_a_request_then_late_duplicates_are_ignored(capsys):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        with StopOnSignal() as stop:
+            assert stop.requested is None
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert stop.requested == "SIGUSR1"
+            os.kill(os.getpid(), signal.SIGTERM)  # within DUPLICATE_SECONDS: the same request
+            time.sleep(0.05)
+        # the run is leaving with its checkpoint: a launcher's late SIGTERM must not change its exit status
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in before)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     err = capsys.readouterr().err
     assert err.count("ds-mlm: SIGUSR1: finishing this step, saving a checkpoint, then exiting with status "
                      f"{EXIT_PREEMPTED}") == 1
+
+
+def test_without_a_request_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_disabled_installs_nothing():
