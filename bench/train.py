@@ -12,6 +12,9 @@
 3. Per-rank optimizer-state bytes (the tensors in the optimizer's state: Adam moments, plus fp32 master partitions
    under bf16), ZeRO-2 on 2 ranks vs ZeRO-0 on 2 ranks (torchrun, two processes). Target: about half.
 4. The optimizer step alone: torch.optim.AdamW fused vs foreach (the default) on this model's parameters.
+5. The loader at a GPU's pace: a consumer that takes each step's batches and then waits T ms with the GIL released
+   (what a CUDA step does while its kernels run), prefetch 0 vs 2, micro batches of 32 and 16 samples of 128 ids,
+   steps of 10 and 30 ms. The share of the time spent waiting for data. Target: < 1 %.
 
 The machine is shared: the load average is printed before and after.
 """
@@ -343,6 +346,30 @@ def bench_memory(workdir):
     return results
 
 
+def bench_loader_at_gpu_pace(tokenizer, train_ds, steps):
+    from ds_mlm.collator import MLMCollator
+    from ds_mlm.loader import StepLoader
+    from ds_mlm.sampler import GlobalBatchSampler
+
+    print(f"\n5. the loader at a GPU's pace ({steps} steps; the consumer sleeps T ms per step, GIL released)")
+    for micro, step_ms in ((32, 30), (32, 10), (16, 30)):
+        for prefetch in (0, 2):
+            sampler = GlobalBatchSampler(len(train_ds), micro, micro, seed=1)
+            collator = MLMCollator.from_tokenizer(tokenizer, seed=1)
+            loader = StepLoader(sampler, train_ds, collator, "cpu", prefetch=prefetch)
+            loader.next()  # the thread's start-up and numba's first call are not a step
+            loader.wait_seconds = 0.0
+            start = time.perf_counter()
+            for _ in range(steps):
+                loader.next()
+                time.sleep(step_ms / 1e3)
+            total = time.perf_counter() - start
+            waited = loader.wait_seconds
+            loader.close()
+            print(f"   micro {micro} x {SEQ}, step {step_ms} ms, prefetch {prefetch}: waited {waited * 1e3:.1f} ms of "
+                  f"{total:.2f} s = {100 * waited / total:.2f} %")
+
+
 def _free_port() -> int:
     import socket
 
@@ -377,6 +404,7 @@ def main():
     bench_trainer(workdir, tokenizer, train_ds, args.steps * 2, args.repeats)
     bench_memory(workdir)
     bench_optimizer_step(tokenizer, args.repeats)
+    bench_loader_at_gpu_pace(tokenizer, train_ds, args.steps * 3)
     print(f"\nload average after: {load_avg()}")
 
 
