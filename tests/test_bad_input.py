@@ -1,9 +1,10 @@
 """Bad input: each mistake is one line naming the bad thing and the fix, exit status 2, no traceback, and the caches
 and checkpoints of an earlier run are left exactly as they were.
 
-A good run (2 steps, a checkpoint) is made once; every case then points the same command at its output and cache
-directories with one thing wrong. Most cases call the CLI entry in-process (fast); a few go through a real
-subprocess to prove the exit status and stderr of the command users type.
+Mistakes in the flags themselves fail while parsing: they need no earlier run (PARSE_CASES, fast). For the others a
+good run (2 steps, a checkpoint) is made once, and every case points the same command at its output and cache
+directories with one thing wrong (slow: a real run first). Most cases call the CLI entry in-process; a few go
+through a real subprocess to prove the exit status and stderr of the command users type.
 """
 
 import hashlib
@@ -92,7 +93,32 @@ def other_specials_tokenizer(tmp_path, sample_dirs):
     return str(folder)
 
 
-CASES = {  # name -> (how the good command is changed, words the message must contain)
+PARSE_CASES = {  # name -> (how the good command is changed, words the message must contain): refused by parse_args
+    "max_seq_length too small": (lambda a, t: with_flag(a, "--max_seq_length", "2"), ["--max_seq_length 2"]),
+    "max_seq_length not a number": (lambda a, t: with_flag(a, "--max_seq_length", "long"),
+                                    ["--max_seq_length", "invalid int value", "'long'"]),
+    "architecture unknown": (lambda a, t: with_flag(a, "--architecture", "roberta-huge"), ["roberta-huge",
+                                                                                             "roberta-base"]),
+    "datasets_type unknown": (lambda a, t: with_flag(a, "--datasets_type", "Lines"), ["Lines",
+                                                                                       "MemmapLineByLineTextDataset"]),
+    "save_total_limit 0": (lambda a, t: with_flag(a, "--save_total_limit", "0"), ["--save_total_limit 0"]),
+    "fp16 and bf16": (lambda a, t: a + ["--fp16", "--bf16"], ["--fp16 and --bf16 both given"]),
+    "unknown flag": (lambda a, t: a + ["--learning_rte", "1e-4"], ["unrecognized arguments: --learning_rte"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARSE_CASES))
+def test_a_bad_flag_is_one_line_before_anything_happens(case, tmp_path, capsys):
+    change, words = PARSE_CASES[case]
+    argv = change(good_args(tmp_path / "tok", tmp_path / "train", tmp_path / "eval", tmp_path / "out"), tmp_path)
+    code, err = call(argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("ds-mlm: error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the output directory
+
+
+CASES = {  # name -> (how the good command is changed, words the message must contain): refused after parsing
     "train_dir missing": (lambda a, t: with_flag(a, "--train_dir", str(t / "nope")), ["--train_dir", "nope"]),
     "train_dir empty": (lambda a, t: with_flag(a, "--train_dir", folder_with(t / "empty")), ["--train_dir", "*.txt"]),
     "train_dir without txt": (lambda a, t: with_flag(a, "--train_dir", folder_with(t / "md", "a.md")),
@@ -100,19 +126,11 @@ CASES = {  # name -> (how the good command is changed, words the message must co
     "eval_dir missing": (lambda a, t: with_flag(a, "--eval_dir", str(t / "gone")), ["--eval_dir", "gone"]),
     "max_seq_length too large": (lambda a, t: with_flag(a, "--max_seq_length", "600"),
                                  ["--max_seq_length 600", "use --max_seq_length 512 or less"]),
-    "max_seq_length too small": (lambda a, t: with_flag(a, "--max_seq_length", "2"), ["--max_seq_length 2"]),
-    "max_seq_length not a number": (lambda a, t: with_flag(a, "--max_seq_length", "long"),
-                                    ["--max_seq_length", "invalid int value", "'long'"]),
-    "tokenizer path missing": (lambda a, t: with_flag(a, "--tokenizer_name_or_path", str(t / "no_tok")),
+        "tokenizer path missing": (lambda a, t: with_flag(a, "--tokenizer_name_or_path", str(t / "no_tok")),
                                ["no_tok"]),
     "tokenizer type unknown": (lambda a, t: with_flag(a, "--tokenizer_type", "wordpiece"),
                                ["wordpiece", "newmm"]),
     "tokenizer type wrong for files": (lambda a, t: with_flag(a, "--tokenizer_type", "spm"), ["spm"]),
-    "architecture unknown": (lambda a, t: with_flag(a, "--architecture", "roberta-huge"), ["roberta-huge",
-                                                                                             "roberta-base"]),
-    "datasets_type unknown": (lambda a, t: with_flag(a, "--datasets_type", "Lines"), ["Lines",
-                                                                                       "MemmapLineByLineTextDataset"]),
-    "save_total_limit 0": (lambda a, t: with_flag(a, "--save_total_limit", "0"), ["--save_total_limit 0"]),
     "ds_config malformed": (lambda a, t: with_flag(a, "--deepspeed_config",
                                                    write_config(t, '{\n  "zero_optimization": {"stage": 2,}\n}')),
                             ["ds.json:2:", "malformed JSON"]),
@@ -147,6 +165,7 @@ CASES = {  # name -> (how the good command is changed, words the message must co
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, earlier_run, small_corpus, bpe_tokenizer_dir,
                                                    world_of_one, capsys):
@@ -161,6 +180,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, earlier_run, 
     assert tree_digest(earlier_run) == before  # no cache, checkpoint, log or model of the earlier run touched
 
 
+@pytest.mark.slow
 def test_special_ids_that_do_not_match_the_config(tmp_path, earlier_run, small_corpus, sample_dirs, world_of_one,
                                                   capsys):
     before = tree_digest(earlier_run)
@@ -171,6 +191,7 @@ def test_special_ids_that_do_not_match_the_config(tmp_path, earlier_run, small_c
     assert tree_digest(earlier_run) == before
 
 
+@pytest.mark.slow
 def test_the_real_command_prints_one_line_and_exits_2(tmp_path, earlier_run, small_corpus, bpe_tokenizer_dir):
     before = tree_digest(earlier_run)
     argv = with_flag(good_args(bpe_tokenizer_dir, *small_corpus, earlier_run), "--max_seq_length", "600")
@@ -183,6 +204,7 @@ def test_the_real_command_prints_one_line_and_exits_2(tmp_path, earlier_run, sma
     assert tree_digest(earlier_run) == before
 
 
+@pytest.mark.slow
 def test_ext_with_or_without_the_dot(tmp_path, small_corpus, bpe_tokenizer_dir):
     """The ancestor's default `.txt` made the pattern `*..txt`; both spellings read the same files."""
     from ds_mlm.data import open_store

@@ -10,6 +10,8 @@ import torch
 
 from conftest import REPO, free_port, run
 
+pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
+
 SEQ = 64
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import REPO, numbers, run
 
+pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})

@@ -10,6 +10,8 @@ from transformers import AutoModelForMaskedLM
 from conftest import cpu_mixed_precision, deepspeed_cmd, run
 from ds_mlm.tokenization import load_tokenizer
 
+pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
+
 
 @pytest.fixture(scope="module")
 def spm_tokenizer_dir(tmp_path_factory, small_corpus):

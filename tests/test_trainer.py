@@ -16,6 +16,8 @@ import torch
 from conftest import (REPO, SEQ, cpu_mixed_precision, crash_after_step, launcher_cmd, make_trainer, numbers,
                       read_log, run, train)
 
+pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
+
 def test_loss_falls_over_100_steps(tmp_path, data, world_of_one):
     trainer = make_trainer(tmp_path, data, world_of_one, "--max_steps", "100", "--learning_rate", "1e-3",
                            "--warmup_steps", "10", "--logging_steps", "1", eval_set=False)
