@@ -11,7 +11,6 @@ batch of lines without special tokens, tried in this order: `batch_encode_ids(li
 the Rust backend of a fast HF tokenizer (`backend_tokenizer.encode_batch_fast`), `tokenizer(lines)["input_ids"]`.
 """
 
-import glob
 import hashlib
 import json
 import logging
@@ -19,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
+from ds_mlm.data.formats import list_input_files
 from ds_mlm.data.packing import CONCAT, LINE_BY_LINE, POLICIES
 from ds_mlm.data.store import FORMAT_VERSION
 from ds_mlm.errors import UserError
@@ -36,19 +36,9 @@ PROBE_LINES = ["สวัสดีครับ ประเทศไทย  2567
                "ข่าวรัฐบาล: นายกรัฐมนตรี 12.5% (ทดสอบ) — “quotes” ‘and’ emoji 🙂"]
 
 
-def list_text_files(directory: str, ext: str, flag: str = "the directory") -> List[str]:
-    """Sorted paths of every *.{ext} file in `directory` (ext with or without its dot); a UserError naming `flag`
-    (e.g. --train_dir) when there is none."""
-    ext = ext.lstrip(".")
-    where = f"{flag} {directory}"
-    if not os.path.exists(directory):
-        raise UserError(f"{where}: no such directory; give the directory of your *.{ext} files")
-    if not os.path.isdir(directory):
-        raise UserError(f"{where} is a file, not a directory: give the directory that holds your *.{ext} files")
-    files = sorted(p for p in glob.glob(os.path.join(glob.escape(directory), f"*.{ext}")) if os.path.isfile(p))
-    if not files:
-        raise UserError(f"{where} holds no *.{ext} file: add text files there, or set --ext to their extension")
-    return files
+def list_text_files(directory: str, ext, flag: str = "the directory") -> List[str]:
+    """Sorted paths of every input file of `directory` with extension(s) `ext`: formats.list_input_files."""
+    return list_input_files(directory, ext, flag)
 
 
 def encode_lines(tokenizer, lines: List[str]) -> List[List[int]]:
