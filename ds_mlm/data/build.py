@@ -34,9 +34,11 @@ from ds_mlm.data.plan import DatasetPlan, ShardPlan
 from ds_mlm.data.spec import encode_lines, separator_id, special_ids
 from ds_mlm.data.store import StaleCacheError, StoreWriter, TokenStore
 from ds_mlm.data.text import LineReader, ReadStats
-from ds_mlm.data.verify import check_index, check_shards
 from ds_mlm.data.workers import OrderedPool, WorkerDied
 from ds_mlm.errors import UserError
+
+# verify.py is also a command (python -m ds_mlm.data.verify): imported where used, so that running it does not find
+# it imported already by this package (runpy's warning)
 
 log = logging.getLogger(__name__)
 CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1 MiB each would not fit in memory
@@ -224,6 +226,8 @@ def present_shards(plan: DatasetPlan, dataset: str, verify: str = "once") -> Lis
             present.append(shard.name)
         except StaleCacheError:
             continue
+    from ds_mlm.data.verify import check_shards
+
     for name, why in check_shards(dataset, present, verify):
         log.warning("%s: rebuilding this shard", why)
         present.remove(name)
@@ -232,6 +236,8 @@ def present_shards(plan: DatasetPlan, dataset: str, verify: str = "once") -> Lis
 
 def check_built(dataset: str, names: Sequence[str]) -> None:
     """Read back the shards just built against their checksums (and remember it for this host)."""
+    from ds_mlm.data.verify import check_shards
+
     damaged = check_shards(dataset, names, "always")
     if damaged:
         raise UserError(f"{damaged[0][1]}, right after it was written: the disk or file system of "
@@ -261,6 +267,8 @@ def manifest_is_current(plan: DatasetPlan, dataset: str, present: Sequence[str],
     manifest = layout.read_manifest(dataset)
     if manifest is None or manifest.get("fingerprint") != plan.fingerprint or len(present) != len(plan.shards):
         return False
+    from ds_mlm.data.verify import check_index
+
     why = check_index(dataset, manifest, verify)
     if why:
         log.warning("%s: writing it again", why)
