@@ -170,6 +170,12 @@ class ShardedStore(torch.utils.data.Dataset):
         self.num_tokens = int(self._index[self._hi] - self._index[self._lo])
         self._maps: List[Optional[np.ndarray]] = [None] * len(shards)
 
+    @property
+    def files(self) -> List[str]:
+        """The input files of this view (its source's, or every source's)."""
+        sources = self.manifest["sources"] if self.source is None else [self.manifest["sources"][self.source]]
+        return [f for src in sources for f in src["files"]]
+
     def _open(self, k: int) -> np.ndarray:
         data = os.path.join(shard_path(self.path, self.shard_names[k]), DATA)
         count = int(self._token_base[k + 1] - self._token_base[k])
