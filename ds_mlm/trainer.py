@@ -19,6 +19,7 @@ import os
 import sys
 
 import deepspeed
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -51,6 +52,9 @@ class Trainer:
             log.warning("the evaluation set is empty: no evaluation (put text files in --eval_dir)")
             eval_dataset = None
         self.tokenizer, self.train_dataset, self.eval_dataset = tokenizer, train_dataset, eval_dataset
+        # [data] samples drawn per training source (ds_mlm.data.Mixture), this rank's; logged summed over ranks
+        self.source_names = getattr(train_dataset, "source_names", None)
+        self.samples_by_source = np.zeros(len(self.source_names), dtype=np.int64) if self.source_names else None
         self.ds_config = ds_config
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_acc = ds_config["gradient_accumulation_steps"]
@@ -112,6 +116,8 @@ class Trainer:
                  "warm-up %d", self.max_steps, self.max_steps / self.steps_per_epoch, len(self.train_dataset),
                  f"{self.max_steps * tokens_per_step:,}", self.zero_stage, precision(self.ds_config),
                  self.args.learning_rate, self.args.lr_scheduler_type, self.args.warmup_steps)
+        if hasattr(self.train_dataset, "describe"):  # [data] files, tokens, weight, epochs per source
+            log.info("%s", self.train_dataset.describe(self.max_steps * self.global_batch))
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -127,8 +133,11 @@ class Trainer:
         self.tokenizer.save_pretrained(path)
 
     def _save(self, window: Window) -> None:
+        rank_state = {"window": window.state_dict()}
+        if self.samples_by_source is not None:  # [data]
+            rank_state["samples_by_source"] = self.samples_by_source.tolist()
         path = checkpoint.save(self.engine, self.args.output_dir, self.global_step, self._trainer_state(), self.dist,
-                               self.args.save_total_limit, self._write_extras, rank_state={"window": window.state_dict()})
+                               self.args.save_total_limit, self._write_extras, rank_state=rank_state)
         log.info("saved %s", path)
 
     def _resume(self, window: Window):
@@ -148,6 +157,8 @@ class Trainer:
                                f"{self.global_step}")
         if rank_state is not None:  # a checkpoint between two logged steps: the window goes on where it was
             window.load_state_dict(rank_state["window"])
+            if self.samples_by_source is not None and "samples_by_source" in rank_state:  # [data]
+                self.samples_by_source[:] = rank_state["samples_by_source"]
         log.info("resumed from %s at step %d (%d samples consumed)", path, self.global_step,
                  state["consumed_samples"])
         return state["log_position"]
@@ -158,6 +169,9 @@ class Trainer:
         """(epoch, batch on the device), forever; data are read in this process (memmap reads take microseconds)."""
         device = self.engine.device
         for epoch, indices in self.sampler:
+            if self.samples_by_source is not None:  # [data]
+                self.samples_by_source += np.bincount(self.train_dataset.sources_of(indices),
+                                                      minlength=len(self.source_names))
             batch = self.collator(self.train_dataset.__getitems__(indices), indices, epoch)
             tokens = int(batch["attention_mask"].sum())
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tokens
@@ -182,7 +196,11 @@ class Trainer:
         scale = self._loss_scale()
         if scale is not None:
             record["loss_scale"] = scale
-        self.writer.write(record)
+        logged = record
+        if self.samples_by_source is not None:  # [data] a collective too: every rank counted its own micro-batches
+            counts = all_reduce_sum(self.samples_by_source.tolist(), self.engine.device)
+            logged = {**record, "samples_by_source": {n: int(c) for n, c in zip(self.source_names, counts)}}
+        self.writer.write(logged)
         if self.dist.rank == 0:
             tqdm.write(format_record(record), file=sys.stdout)
 
@@ -251,13 +269,27 @@ class Trainer:
             return self._last_eval[1]
         return self.evaluate()
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss over every masked token of the eval set (sharded over ranks, fixed masking), and its perplexity."""
+        """Loss over every masked token of the eval set(s), and its perplexity; with several --eval_dir sources also
+        eval_loss/<source> and perplexity/<source> for each ([data])."""
         if self.eval_dataset is None:
             return {}
+        sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
+        per_source, loss_sum, tokens = {}, 0.0, 0.0
+        for name, dataset in sets.items():
+            s, c = self._evaluate_one(dataset)
+            loss_sum, tokens = loss_sum + s, tokens + c
+            if len(sets) > 1:
+                per_source[f"eval_loss/{name}"] = s / max(c, 1.0)
+                per_source[f"perplexity/{name}"] = perplexity(per_source[f"eval_loss/{name}"])
+        eval_loss = loss_sum / max(tokens, 1.0)
+        return {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), **per_source}
+
+    @torch.no_grad()
+    def _evaluate_one(self, dataset):
+        """(sum of the masked tokens' loss, their number) over one eval set, sharded over ranks, fixed masking."""
         engine, world, rank = self.engine, self.dist.world_size, self.dist.rank
-        n, bs = len(self.eval_dataset), self.args.per_device_eval_batch_size
+        n, bs = len(dataset), self.args.per_device_eval_batch_size
         mine = list(range(rank, n, world))
         num_batches = math.ceil(math.ceil(n / world) / bs)  # the same on every rank: ZeRO-3 forwards are collective
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -266,12 +298,11 @@ class Trainer:
         for b in range(num_batches):
             indices = mine[b * bs:(b + 1) * bs]
             real = bool(indices)
-            batch = self.eval_collator(self.eval_dataset.__getitems__(indices or [0]), indices or [0], 0)
+            batch = self.eval_collator(dataset.__getitems__(indices or [0]), indices or [0], 0)
             s, c = masked_lm_loss(engine, {k: v.to(engine.device) for k, v in batch.items()})
             if real:
                 loss_sum += s.double()
                 tokens += c.double()
         engine.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum.item(), tokens.item()], engine.device)
-        eval_loss = total_loss / max(total_tokens, 1.0)
-        return {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+        return total_loss, total_tokens

@@ -184,7 +184,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                     state["writer"] = None
                     return
                 try:
-                    ids = pool.next()
+                    ids = pool.next(idle=beat)
                 except WorkerDied:
                     raise UserError(f"a tokenizer process died while building {dataset} (killed, or out of memory?): "
                                     "lower --preprocessing_num_workers or --tokenize_chunksize and run again; the "

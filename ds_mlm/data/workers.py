@@ -89,8 +89,9 @@ class OrderedPool:
         self._tasks[self.submitted % len(self._procs)].put(args)
         self.submitted += 1
 
-    def next(self):
-        """The result of the oldest task not yet returned (blocks until it is there)."""
+    def next(self, idle=None):
+        """The result of the oldest task not yet returned (blocks until it is there; `idle()` is called every
+        POLL_SECONDS meanwhile: a heartbeat)."""
         if not self.in_flight:
             raise RuntimeError("OrderedPool.next() without a task in flight")
         k = self.returned % len(self._procs)
@@ -99,6 +100,8 @@ class OrderedPool:
                 ok, value = self._results[k].get(timeout=POLL_SECONDS)
                 break
             except queue.Empty:
+                if idle is not None:
+                    idle()
                 if not self._procs[k].is_alive():
                     raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) died, exit code "
                                      f"{self._procs[k].exitcode}") from None
