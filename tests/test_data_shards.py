@@ -1,6 +1,7 @@
 """Sharded datasets: one shard per input file, rebuilds that tokenize exactly what changed, resumption after kill -9,
 the same bytes from every input format, pieces of large files, reading across shards, and damaged shards."""
 
+import gc
 import gzip
 import json
 import logging
@@ -186,6 +187,12 @@ def test_reads_across_many_shards_equal_the_shards_read_one_by_one(tmp_path):
     assert [clone[i].tolist() for i in range(0, len(clone), 7)] == expected[::7]
     with pytest.raises(IndexError):
         store.__getitems__([len(store)])
+    kept = store.__getitems__([0, len(store) - 1])  # views outlive their dataset: the region stays mapped
+    del store, clone
+    gc.collect()
+    assert [k.tolist() for k in kept] == [expected[0], expected[-1]]
+    with pytest.raises(ValueError, match="read-only"):
+        kept[0][0] = 7
 
 
 def test_a_damaged_shard_is_one_line_and_rebuilt(tmp_path, caplog, capsys):

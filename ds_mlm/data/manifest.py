@@ -10,9 +10,10 @@ manifest.json: {"format": "ds-mlm dataset", "version": 2, "fingerprint" (the dat
 "tokenizer", "dtype", "samples", "tokens", "index", "index_crc32", "sources": [{"name", "files", "samples",
 "tokens", "shards": [{"name", "file", "piece", "range", "fingerprint", "samples", "tokens", "data_crc32",
 "identity"}]}]}. The index holds n_samples + 1 offsets: sample i is the tokens [index[i], index[i + 1]) of that
-virtual concatenation, which lie in the shard whose cumulative token count brackets them. So a batched read is
-the same few vectorised lookups as one store's, whatever the number of shards, and opening reads the manifest and
-maps the index: no shard file is opened before one of its samples is read.
+virtual concatenation, which lie in the shard whose cumulative token count brackets them. The shards are mapped
+side by side into one array (region.py), so a batched read is the same few vectorised lookups and one slice per
+sample as one store's, whatever the number of shards; opening reads the manifest and maps the index: no shard file
+is opened before one of its samples is read.
 
 Writing (`finalize`): the index first (a new name each time), then the manifest, atomically; then shards, index
 files and format-1 files that no manifest names any more are removed. A reader of the previous manifest keeps its
@@ -21,16 +22,19 @@ open maps (on NFS, until it reopens).
 
 import os
 import shutil
+import socket
 import zlib
 from typing import List, Optional, Sequence
 
 import numpy as np
 import orjson
+import psutil
 import torch
+from numba import njit
 
 from ds_mlm import atomic
-from ds_mlm.data.store import (DATA, FORMAT_VERSION, HEADER_BYTES, INDEX, StaleCacheError, _map, file_crc32,
-                               remove_dead_leftovers)
+from ds_mlm.data.region import Region, page_aligned_places
+from ds_mlm.data.store import DATA, FORMAT_VERSION, HEADER_BYTES, INDEX, StaleCacheError, _map, file_crc32
 from ds_mlm.errors import UserError
 
 MANIFEST, SHARDS, STAMPS = "manifest.json", "shards", ".verified"
@@ -126,13 +130,35 @@ def _remove_unnamed(dataset: str, names: set, index_name: str) -> None:
         if (entry.startswith("index-") and entry != index_name) or entry in _FORMAT1_FILES:
             os.remove(os.path.join(dataset, entry))
     shards = os.path.join(dataset, SHARDS)
-    for name in os.listdir(shards) if os.path.isdir(shards) else ():
-        if atomic.TMP in name or atomic.OLD in name:
-            continue  # a live writer's (a dead one's are removed by remove_dead_leftovers)
-        if name not in names:
+    host = socket.gethostname()
+    for name in os.listdir(shards) if os.path.isdir(shards) else ():  # one listing, whatever the number of shards
+        staged = next((kind for kind in (atomic.TMP, atomic.OLD) if kind in name), None)
+        if staged is None:
+            if name not in names:
+                shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
+            continue
+        owner_host, _, pid = name.split(staged, 1)[1].rpartition("-")
+        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):  # a dead writer's leftovers
             shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
-    for name in names:
-        remove_dead_leftovers(shard_path(dataset, name))
+
+
+@njit(cache=True)
+def _locate(idx, index, shards, out) -> bool:
+    """out[0], out[1]: where samples `idx` start and end in the region's array; True when one of their shards is
+    not mapped yet. shards: rows (first token in the index's coordinates, shift to the region's, mapped?)."""
+    unmapped = False
+    for i in range(idx.size):
+        a, b = index[idx[i]], index[idx[i] + 1]
+        lo, hi = 0, shards.shape[1] - 1  # the last shard whose first token is at or before a (skips empty ones)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if shards[0, mid] <= a:
+                lo = mid
+            else:
+                hi = mid - 1
+        unmapped |= shards[2, lo] == 0
+        out[0, i], out[1, i] = a + shards[1, lo], b + shards[1, lo]
+    return unmapped
 
 
 class ShardedStore(torch.utils.data.Dataset):
@@ -156,10 +182,6 @@ class ShardedStore(torch.utils.data.Dataset):
         self.shard_names = [s["name"] for s in shards]
         self._token_base = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["tokens"] for s in shards], out=self._token_base[1:])
-        for s in shards:  # a stat per shard: a manifest naming a missing or truncated shard is stale, not a crash
-            data = os.path.join(shard_path(path, s["name"]), DATA)
-            if not os.path.isfile(data) or os.path.getsize(data) != s["tokens"] * self.dtype.itemsize:
-                raise StaleCacheError(f"{path}: shard {s['name']} is missing or incomplete")
         self.source_names = [src["name"] for src in manifest["sources"]]
         bounds = np.cumsum([0] + [src["samples"] for src in manifest["sources"]])
         self._lo, self._hi = (0, int(bounds[-1])) if source is None else (int(bounds[source]), int(bounds[source + 1]))
@@ -168,7 +190,12 @@ class ShardedStore(torch.utils.data.Dataset):
             raise StaleCacheError(f"{path}: its index {manifest['index']} is missing or incomplete")
         self._index = _map(index, 0, np.dtype("<i8"), manifest["samples"] + 1)
         self.num_tokens = int(self._index[self._hi] - self._index[self._lo])
-        self._maps: List[Optional[np.ndarray]] = [None] * len(shards)
+        # The shards side by side in one array (region.py); a sample's place there is its offset in the index
+        # shifted by its shard's: places (page-aligned) minus the tokens of the shards before it.
+        places = page_aligned_places(np.diff(self._token_base) * self.dtype.itemsize, self.dtype.itemsize)
+        self._region = Region(places, self.dtype)
+        self._shards = np.stack([self._token_base[:-1], places[:-1] - self._token_base[:-1],
+                                 np.zeros(len(shards), dtype=np.int64)])  # one array: one argument for _locate
 
     @property
     def files(self) -> List[str]:
@@ -176,14 +203,18 @@ class ShardedStore(torch.utils.data.Dataset):
         sources = self.manifest["sources"] if self.source is None else [self.manifest["sources"][self.source]]
         return [f for src in sources for f in src["files"]]
 
-    def _open(self, k: int) -> np.ndarray:
+    def _open(self, k: int) -> None:
+        """Map shard k's tokens, on the first read of one of its samples (opening 10,000 shards opens none)."""
         data = os.path.join(shard_path(self.path, self.shard_names[k]), DATA)
         count = int(self._token_base[k + 1] - self._token_base[k])
         try:
-            return _map(data, 0, self.dtype, count)
+            if os.path.getsize(data) != count * self.dtype.itemsize:
+                raise FileNotFoundError
+            self._region.map(k, data, count)
+            self._shards[2, k] = 1
         except FileNotFoundError:
-            raise StaleCacheError(f"{self.path}: shard {self.shard_names[k]} disappeared (rebuilt by another "
-                                  "job?): run again") from None
+            raise StaleCacheError(f"{self.path}: shard {self.shard_names[k]} is missing or incomplete (removed or "
+                                  "rebuilt by another job?): run again to rebuild it") from None
 
     def __len__(self) -> int:
         return self._hi - self._lo
@@ -194,14 +225,14 @@ class ShardedStore(torch.utils.data.Dataset):
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"sample index out of range for a dataset of {n} samples")
         idx = idx % max(n, 1) + self._lo
-        start, end = self._index[idx], self._index[idx + 1]
-        shard = np.searchsorted(self._token_base, start, side="right") - 1
-        base = self._token_base[shard]
-        shards, maps = shard.tolist(), self._maps
-        for k in set(shards):
-            if maps[k] is None:
-                maps[k] = self._open(k)
-        return [maps[k][a:b] for k, a, b in zip(shards, (start - base).tolist(), (end - base).tolist())]
+        out = np.empty((2, idx.size), dtype=np.int64)
+        if _locate(idx, self._index, self._shards, out):  # the first read of some shards: map them
+            shards = np.searchsorted(self._token_base, self._index[idx], side="right") - 1
+            for k in np.unique(shards[self._shards[2, shards] == 0]).tolist():
+                self._open(k)
+        tokens = self._region.array
+        starts, ends = out.tolist()
+        return [tokens[a:b] for a, b in zip(starts, ends)]
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if not -len(self) <= i < len(self):
