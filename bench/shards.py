@@ -122,8 +122,8 @@ def main():
         print(f"(wrote {args.samples:,} samples as {args.shards:,} shards and as one store in "
               f"{time.perf_counter() - started:.1f} s)")
         opened = open_in_fresh_process(sharded)
-        print(f"1. open a dataset of {opened['shards']:,} shards ({opened['n']:,} samples): {opened['open_s'] * 1e3:.0f} ms, "
-              f"RSS +{opened['rss_mib']:.1f} MiB; the once-per-host checksum check with every shard checked before: "
+        print(f"1. open a dataset of {opened['shards']:,} shards ({opened['n']:,} samples): "
+              f"{opened['open_s'] * 1e3:.0f} ms, RSS +{opened['rss_mib']:.1f} MiB; the once-per-host checksum check with every shard checked before: "
               f"{opened['once_s'] * 1e3:.0f} ms (target: well under a second)")
 
         many, one = ShardedStore(sharded), open_store(single)

@@ -18,9 +18,7 @@ Each split (train: every --train_dir; validation: every --eval_dir) is one shard
    (--train_weights); the evaluation sets are one dataset per --eval_dir.
 
 After step 2, every wait polls the job's rendezvous store (never a collective), so a build of many hours never trips
-the process group's timeout and an error anywhere reaches every rank of the group as one line. A waiting rank
-notices the leader's death (the store lives with rank 0; a node-local leader's death ends its node through the
-launcher), and the leader notices a process that stops making progress for STALE_SECONDS.
+the process group's timeout and an error anywhere reaches every rank of the group as one line (data/group.py).
 """
 
 import dataclasses
@@ -36,6 +34,7 @@ from ds_mlm import distributed, preflight
 from ds_mlm.data.build import build_shards, check_built, manifest_is_current, no_samples_error, present_shards, \
     shard_counts
 from ds_mlm.data.formats import list_input_files
+from ds_mlm.data.group import BuildGroup
 from ds_mlm.data.manifest import SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest
 from ds_mlm.data.mixture import Mixture
 from ds_mlm.data.plan import BuildOptions, balance, plan_dataset
@@ -47,9 +46,6 @@ from ds_mlm.lock import DirLock
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)  # who builds and who waits is news from every rank (run_mlm shows INFO from rank 0 only)
 POLL_SECONDS = 1.0
-SAY_WAITING_EVERY = 300.0
-BEAT_SECONDS = 5.0
-STALE_SECONDS = 300.0  # a builder whose heartbeat has not moved for this long is dead or stuck
 VISIBLE_WITHIN = 60.0  # a manifest renamed into place on one NFS client can take a while to appear on the others
 SPLITS = (("train", "--train_dir", "train_dir"), ("validation", "--eval_dir", "eval_dir"))
 
@@ -84,69 +80,6 @@ def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
                         "(same paths, sizes and modification times: copy with rsync -a) and the same tokenizer")
 
 
-class _Group:
-    """The processes building one cache, talking through the job's rendezvous store (None: a world of one)."""
-
-    def __init__(self, leader: int, members: list, dist, store, what: str):
-        self.leader, self.members, self.dist, self.store, self.what = leader, members, dist, store, what
-        # A restarted torchrun attempt keeps its agent's store: the restart count keeps an old attempt's word out.
-        self.prefix = f"ds_mlm/dataset/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{leader}"
-        self._beaten = 0.0
-        self.own_reports = {}  # the leader's own BuildReport per split, for its log
-
-    def say(self, key: str, word: str) -> None:
-        if self.store is not None:
-            self.store.set(f"{self.prefix}/{key}", word)
-
-    def beat(self) -> None:
-        """Tell the leader this process is making progress (rate-limited: call it as often as you like)."""
-        now = time.monotonic()
-        if self.store is not None and now - self._beaten >= BEAT_SECONDS:
-            self.store.add(f"{self.prefix}/beat/{self.dist.rank}", 1)
-            self._beaten = now
-
-    def _poll(self, key: str):
-        try:
-            return self.store.get(f"{self.prefix}/{key}").decode() if self.store.check([f"{self.prefix}/{key}"]) \
-                else None
-        except Exception:  # noqa: BLE001 (the store's network errors have no common public type)
-            raise UserError(f"rank {self.dist.rank}: lost the job's rendezvous store while rank {self.leader} was "
-                            f"building the {self.what} dataset: rank 0 has died; its log says why") from None
-
-    def wait_for(self, key: str) -> str:
-        """The leader's word under `key` ("failed: ..." is raised as the leader's error)."""
-        started = said = time.monotonic()
-        while (word := self._poll(key)) is None:
-            if time.monotonic() - said >= SAY_WAITING_EVERY and self.dist.rank == self.leader + 1:  # one voice
-                log.info("rank %d: still waiting for the %s dataset build (%.0f s)", self.dist.rank, self.what,
-                         time.monotonic() - started)
-                said = time.monotonic()
-            time.sleep(POLL_SECONDS)
-        if word.startswith("failed: "):
-            raise UserError(f"rank {self.dist.rank}: the {self.what} dataset build on rank {self.leader} "
-                            f"{word}")
-        return word
-
-    def wait_for_members(self) -> None:
-        """Every other member's "done"; a member's failure, or its silence for STALE_SECONDS, is a UserError."""
-        waiting = {r: (None, time.monotonic()) for r in self.members if r != self.dist.rank}
-        while waiting:
-            for rank in list(waiting):
-                word = self._poll(f"member/{rank}")
-                if word is not None and word != "done":
-                    raise UserError(f"rank {rank} could not build its share of the {self.what} dataset: {word}")
-                if word == "done":
-                    del waiting[rank]
-                    continue
-                beats = self.store.add(f"{self.prefix}/beat/{rank}", 0)
-                if beats != waiting[rank][0]:
-                    waiting[rank] = (beats, time.monotonic())
-                elif time.monotonic() - waiting[rank][1] > STALE_SECONDS:
-                    raise UserError(f"rank {rank} made no progress on its share of the {self.what} dataset for "
-                                    f"{STALE_SECONDS:.0f} s: it died or hangs; its log says why")
-            time.sleep(POLL_SECONDS)
-
-
 def _why(e: BaseException) -> str:
     """One line saying how a process stopped."""
     if isinstance(e, Terminated):
@@ -174,8 +107,8 @@ def _build_share(plans, paths, share: dict, tokenizer, data_args, dist, group) -
                               data_args.tokenize_chunksize, beat=group.beat)
         check_built(paths[split], report.built)
         if dist.rank != group.leader:
-            log.info("rank %d: %s: built %d shard(s) of %s (its share)\n%s", dist.rank, split, len(report.built),
-                     paths[split], report.format())
+            log.info("rank %d: %s: tokenized %d shard(s) of %s (its share)\n%s", dist.rank, split,
+                     len(report.built), paths[split], report.format())
         else:
             group.own_reports[split] = report
 
@@ -259,7 +192,7 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
     check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
     leader = builder_rank(cache_dir, dist, data_args.cache_scope)
     members = [rank for rank, lead in enumerate(distributed.all_gather_object(leader)) if lead == leader]
-    group = _Group(leader, members, dist, distributed.job_store(), " and ".join(sources))
+    group = BuildGroup(leader, members, dist, distributed.job_store(), " and ".join(sources))
     try:
         if dist.rank == leader:
             for split, what in older.items():
@@ -279,12 +212,15 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
             group.wait_for("done")
     except BaseException as e:
         if dist.rank == leader and group.store is not None:  # whoever waits on the leader learns why, in one line
-            if not group.store.check([f"{group.prefix}/plan"]):
+            if group._poll("plan") is None:
                 group.say("plan", f"failed: {_why(e)}")
             group.say("done", f"failed: {_why(e)}")
         raise
     if dist.rank == leader:
         group.say("done", "done")
+    # Everyone has the word within POLL_SECONDS: rank 0 must not leave (--build_dataset_only) and take the store
+    # with it before then
+    distributed.barrier()
     for split in plans:
         _open(plans[split], paths[split], data_args, dist, group)
     train = Mixture([ShardedStore(paths["train"], plans["train"].fingerprint, source=k)

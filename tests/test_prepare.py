@@ -136,7 +136,7 @@ def test_two_processes_build_each_shard_exactly_once(tmp_path, bpe_tokenizer_dir
     assert min(by_rank.values()) > 0.3 * sum(by_rank.values())  # both built a fair share
     manifest = json.loads((tmp_path / "out" / "datasets_cache" / "train" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["sources"][0]["shards"]] == sorted(n for sp, n in names if sp == "train")
-    assert "rank 1: train: built" in proc.stdout + proc.stderr  # the member's own report
+    assert "rank 1: train: tokenized" in proc.stdout + proc.stderr  # the member's own report
 
 
 @pytest.mark.slow

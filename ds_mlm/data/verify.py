@@ -22,7 +22,6 @@ dropped, so the next run checks it again and rebuilds it), exit status 1; else o
 import argparse
 import os
 import socket
-import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
