@@ -142,23 +142,32 @@ def _remove_unnamed(dataset: str, names: set, index_name: str) -> None:
             shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
 
 
+_OUT_OF_RANGE, _UNMAPPED = -1, 1
+
+
 @njit(cache=True)
-def _locate(idx, index, shards, out) -> bool:
-    """out[0], out[1]: where samples `idx` start and end in the region's array; True when one of their shards is
-    not mapped yet. shards: rows (first token in the index's coordinates, shift to the region's, mapped?)."""
-    unmapped = False
+def _locate(idx, n, lo, index, shards, out) -> int:
+    """out[0], out[1]: where samples `idx` (of n, negative ones from the end; lo: the view's first) start and end in
+    the region's array. Returns _OUT_OF_RANGE, _UNMAPPED (one of their shards is not mapped yet) or 0. shards: rows
+    (first token in the index's coordinates, shift to the region's, mapped?). One pass, no temporary array."""
+    status = 0
     for i in range(idx.size):
-        a, b = index[idx[i]], index[idx[i] + 1]
-        lo, hi = 0, shards.shape[1] - 1  # the last shard whose first token is at or before a (skips empty ones)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
+        j = idx[i]
+        if j < -n or j >= n:
+            return _OUT_OF_RANGE
+        j = (j + n if j < 0 else j) + lo
+        a, b = index[j], index[j + 1]
+        left, right = 0, shards.shape[1] - 1  # the last shard whose first token is at or before a (skips empty ones)
+        while left < right:
+            mid = (left + right + 1) // 2
             if shards[0, mid] <= a:
-                lo = mid
+                left = mid
             else:
-                hi = mid - 1
-        unmapped |= shards[2, lo] == 0
-        out[0, i], out[1, i] = a + shards[1, lo], b + shards[1, lo]
-    return unmapped
+                right = mid - 1
+        if shards[2, left] == 0:
+            status = _UNMAPPED
+        out[0, i], out[1, i] = a + shards[1, left], b + shards[1, left]
+    return status
 
 
 class ShardedStore(torch.utils.data.Dataset):
@@ -220,14 +229,14 @@ class ShardedStore(torch.utils.data.Dataset):
         return self._hi - self._lo
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
-        n = len(self)
+        n = self._hi - self._lo
         idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"sample index out of range for a dataset of {n} samples")
-        idx = idx % max(n, 1) + self._lo
         out = np.empty((2, idx.size), dtype=np.int64)
-        if _locate(idx, self._index, self._shards, out):  # the first read of some shards: map them
-            shards = np.searchsorted(self._token_base, self._index[idx], side="right") - 1
+        status = _locate(idx, n, self._lo, self._index, self._shards, out)
+        if status == _OUT_OF_RANGE:
+            raise IndexError(f"sample index out of range for a dataset of {n} samples")
+        if status == _UNMAPPED:  # the first read of some shards: map them
+            shards = np.searchsorted(self._token_base, self._index[idx % n + self._lo], side="right") - 1
             for k in np.unique(shards[self._shards[2, shards] == 0]).tolist():
                 self._open(k)
         tokens = self._region.array
