@@ -9,6 +9,8 @@
     workers.py   the tokenizer worker processes: ordered results, ended by any error or signal
     build.py     build_shards / ensure_dataset: the pipelined, multi-process, resumable build and its report
     manifest.py  a dataset's layout, its manifest and index, ShardedStore (one view over all shards)
+    region.py    one read-only array over many files (the shards mapped side by side)
+    group.py     the processes building one cache together, through the job's rendezvous store
     verify.py    the data checksums: once per host, always or never; `python -m ds_mlm.data.verify`
     mixture.py   Mixture: weighted sources as one random-access dataset, samples_by_source, describe()
     datasets.py  DatasetSpec / ensure_store / open_store for one source, and the ancestor's dataset classes
@@ -19,6 +21,7 @@ from ds_mlm.data.datasets import (ConcatDataset, DatasetSpec, MemmapConcatFullSe
                                   MemmapLineByLineTextDataset, PaddedDataset, build_store, ensure_store, open_store)
 from ds_mlm.data.formats import list_input_files
 from ds_mlm.data.manifest import ShardedStore
+from ds_mlm.data.mixture import Mixture
 from ds_mlm.data.packing import Packer, PackStats, pack_full_sentences, pack_lines
 from ds_mlm.data.plan import BuildOptions, DatasetPlan, plan_dataset
 from ds_mlm.data.spec import list_text_files
@@ -26,7 +29,7 @@ from ds_mlm.data.store import DamagedStore, StaleCacheError, TokenStore
 from ds_mlm.data.text import ReadStats
 
 __all__ = ["BuildOptions", "BuildReport", "ConcatDataset", "DamagedStore", "DatasetPlan", "DatasetSpec",
-           "MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset", "PackStats", "Packer",
+           "MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset", "Mixture", "PackStats", "Packer",
            "PaddedDataset", "ReadStats", "ShardedStore", "StaleCacheError", "TokenStore", "build_shards",
            "build_store", "ensure_dataset", "ensure_store", "list_input_files", "list_text_files", "open_store",
            "pack_full_sentences", "pack_lines", "plan_dataset"]
