@@ -119,8 +119,9 @@ def _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group) -> None:
         present = {split: [] if data_args.overwrite_cache else present_shards(plan, paths[split],
                                                                                data_args.verify_data)
                    for split, plan in plans.items()}
-        missing = [dataclasses.replace(s, name=f"{split}/{s.name}") for split, plan in plans.items()
-                   for s in plan.shards if s.name not in present[split]]
+        missing = list({f"{split}/{s.name}": dataclasses.replace(s, name=f"{split}/{s.name}")  # a file in two
+                        for split, plan in plans.items() for s in plan.shards  # sources is one shard
+                        if s.name not in present[split]}.values())
         shares = {rank: {} for rank in group.members}
         for rank, names in balance(missing, group.members).items():
             for name in names:

@@ -289,7 +289,7 @@ def ensure_dataset(plan: DatasetPlan, dataset: str, tokenizer, num_workers: Opti
     present = [] if overwrite else present_shards(plan, dataset, verify)
     if not overwrite and manifest_is_current(plan, dataset, present, verify):
         return None
-    missing = [s for s in plan.shards if s.name not in present]
+    missing = list({s.name: s for s in plan.shards if s.name not in present}.values())  # a file in 2 sources: once
     os.makedirs(os.path.join(dataset, layout.SHARDS), exist_ok=True)
     report = build_shards(plan, dataset, missing, tokenizer, num_workers, chunk_size)
     check_built(dataset, report.built)
