@@ -35,7 +35,8 @@ from ds_mlm.data.build import build_shards, check_built, manifest_is_current, no
     shard_counts
 from ds_mlm.data.formats import list_input_files
 from ds_mlm.data.group import BuildGroup
-from ds_mlm.data.manifest import SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest
+from ds_mlm.data.manifest import (SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest,
+                                  remove_leftovers)
 from ds_mlm.data.mixture import Mixture
 from ds_mlm.data.plan import BuildOptions, balance, plan_dataset
 from ds_mlm.data.store import StaleCacheError
@@ -97,6 +98,8 @@ def _workers(data_args, dist) -> int:
 
 def _build_share(plans, paths, share: dict, tokenizer, data_args, dist, group) -> None:
     """Build this process's `share` ({split: [shard names]}) and read each back against its checksum."""
+    for path in paths.values():
+        remove_leftovers(path)  # of builds on this host that were killed (each host cleans its own)
     for split, names in share.items():
         if not names:
             continue

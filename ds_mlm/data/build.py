@@ -286,6 +286,7 @@ def ensure_dataset(plan: DatasetPlan, dataset: str, tokenizer, num_workers: Opti
     older = layout.check_replaceable(dataset)
     if older:
         log.info("%s: %s; building it again as one shard per input file (format 2)", dataset, older)
+    layout.remove_leftovers(dataset)
     present = [] if overwrite else present_shards(plan, dataset, verify)
     if not overwrite and manifest_is_current(plan, dataset, present, verify):
         return None

@@ -129,16 +129,22 @@ def _remove_unnamed(dataset: str, names: set, index_name: str) -> None:
     for entry in os.listdir(dataset):
         if (entry.startswith("index-") and entry != index_name) or entry in _FORMAT1_FILES:
             os.remove(os.path.join(dataset, entry))
+    remove_leftovers(dataset, keep=names)
+
+
+def remove_leftovers(dataset: str, keep: Optional[set] = None) -> None:
+    """Remove the staging directories of this host's dead shard writers (kill -9) and, when `keep` is given, every
+    shard not in it; a live writer's (here or on another host) are left alone. One listing, whatever the number."""
     shards = os.path.join(dataset, SHARDS)
     host = socket.gethostname()
-    for name in os.listdir(shards) if os.path.isdir(shards) else ():  # one listing, whatever the number of shards
+    for name in os.listdir(shards) if os.path.isdir(shards) else ():
         staged = next((kind for kind in (atomic.TMP, atomic.OLD) if kind in name), None)
         if staged is None:
-            if name not in names:
+            if keep is not None and name not in keep:
                 shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
             continue
         owner_host, _, pid = name.split(staged, 1)[1].rpartition("-")
-        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):  # a dead writer's leftovers
+        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
 
 
