@@ -1,6 +1,6 @@
 """Benchmark of a build spread over two processes, measured side by side in one run.
 
-    .venv/bin/python bench/distributed_build.py [--repeats 2] [--mib 3] [--files 8]
+    .venv/bin/python bench/distributed_build.py [--repeats 3] [--mib 12] [--files 8]
 
 A tokenizer-bound corpus: the first `--mib` MiB of the 30 MB Thai news (else the sample corpus) cut into `--files`
 files, tokenized by PyThaiNLP's newmm word cutter (pure Python, bench/build.py's NewmmWords). Sides:
@@ -81,8 +81,8 @@ def side(world: int, corpus: Path, cache: Path) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--mib", type=float, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mib", type=float, default=12)  # ~9 s on one worker: fixed costs (~1 s) stay small
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
