@@ -4,8 +4,8 @@
     workers:                                  └─ tokenize chunks k..k+m (in parallel) ─┘
 
 `build_shards` builds a list of shards in one pipeline: the main process reads their files in binary blocks
-(text.py, formats.py) and cuts them into chunks of `chunk_size` lines (or CHUNK_CHARS characters, whichever comes
-first), worker processes tokenize them (workers.py: results in submission order, so a shard is the same for any
+(text.py, formats.py) and cuts them into chunks of `chunk_size` lines (or CHUNK_CHARS characters, or a share of a
+small shard, whichever comes first), worker processes tokenize them (workers.py: results in submission order, so a shard is the same for any
 number of workers), and each shard is packed on its own (blocks never straddle two input files or pieces; packing
 is streaming-exact, so chunk boundaries never change a byte) and published atomically the moment its last chunk is
 packed. At most 2 * num_workers + 2 chunks are in flight, so memory follows the chunk size, not the corpus. A build
@@ -42,6 +42,7 @@ from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)
 CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1 MiB each would not fit in memory
+MIN_CHUNK_CHARS = 64 << 10  # ... or after 1/(2 x workers) of a small shard, so that every worker gets a part of it
 
 _TOKENIZER = None  # set before the pool forks: workers inherit the tokenizer instead of unpickling it
 
@@ -120,16 +121,17 @@ def _warn_dirt(path: str, stats: ReadStats) -> None:
         log.warning("%s: no text (empty, or only blank lines): it adds no sample", path)
 
 
-def _chunks(shards: Sequence[ShardPlan], chunk_size: int, text_field: str, totals: ReadStats):
-    """("chunk", k, lines, file bytes) for shard k's chunks, then ("end", k, its ReadStats), shard after shard."""
+def _chunks(shards: Sequence[ShardPlan], chunk_size: int, text_field: str, totals: ReadStats, workers: int):
+    """("chunk", k, lines, file bytes) for shard k's chunks, then ("end", k, None, 0), shard after shard."""
     for k, shard in enumerate(shards):
         reader = LineReader(shard.file, text_field=text_field, byte_range=shard.byte_range)
         buffer, buffered_chars, consumed = [], 0, 0
+        most = max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, shard.input_bytes // (2 * workers)))  # never changes a byte
         for lines, block_bytes in reader:
             buffer.extend(lines)
             buffered_chars += sum(map(len, lines))
             consumed += block_bytes
-            while len(buffer) >= chunk_size or (buffer and buffered_chars >= CHUNK_CHARS):
+            while len(buffer) >= chunk_size or (buffer and buffered_chars >= most):
                 chunk, buffer = buffer[:chunk_size], buffer[chunk_size:]
                 buffered_chars = sum(map(len, buffer))
                 yield "chunk", k, chunk, consumed
@@ -195,7 +197,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                 if beat is not None:
                     beat()
 
-            for kind, k, lines, nbytes in _chunks(shards, chunk_size, options.text_field, read):
+            for kind, k, lines, nbytes in _chunks(shards, chunk_size, options.text_field, read, workers):
                 if kind == "chunk":
                     pool.submit((lines, plan.vocab_size, plan.dtype))
                 in_flight.append((kind, k, nbytes))
