@@ -42,7 +42,7 @@ from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)
 CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1 MiB each would not fit in memory
-MIN_CHUNK_CHARS = 64 << 10  # ... or after 1/(2 x workers) of a small shard, so that every worker gets a part of it
+MIN_CHUNK_CHARS = 64 << 10  # ... or after ~1/(8 x workers) of a small shard (bytes / chars), so every worker gets parts
 
 _TOKENIZER = None  # set before the pool forks: workers inherit the tokenizer instead of unpickling it
 
@@ -126,7 +126,7 @@ def _chunks(shards: Sequence[ShardPlan], chunk_size: int, text_field: str, total
     for k, shard in enumerate(shards):
         reader = LineReader(shard.file, text_field=text_field, byte_range=shard.byte_range)
         buffer, buffered_chars, consumed = [], 0, 0
-        most = max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, shard.input_bytes // (2 * workers)))  # never changes a byte
+        most = max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, shard.input_bytes // (8 * workers)))  # never changes a byte
         for lines, block_bytes in reader:
             buffer.extend(lines)
             buffered_chars += sum(map(len, lines))
