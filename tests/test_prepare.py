@@ -3,6 +3,7 @@ once), a second job on the same cache that waits and reuses, signals that end ev
 command end to end with samples_by_source in the log (the same on 1 and 2 ranks, and across a kill -9)."""
 
 import json
+import math
 import logging
 import os
 import signal
@@ -270,3 +271,24 @@ def test_samples_by_source_are_the_same_on_1_and_2_ranks_and_across_a_kill_9(tmp
     final = expected[-1][1]
     assert sum(final.values()) == 8 * 4 and set(final) == {str(news), str(web)}
     assert min(final.values()) >= 8  # weights 1:1 over 32 samples: both sources drawn, about equally
+
+
+@pytest.mark.slow
+def test_several_eval_sources_are_reported_each_and_overall(tmp_path, bpe_tokenizer_dir, world_of_one):
+    from ds_mlm.run_mlm import main
+
+    from conftest import SAMPLE
+
+    train = corpus(tmp_path / "train", [200])
+    thai, english = corpus(tmp_path / "eval_th", [40]), tmp_path / "eval_en"
+    english.mkdir()
+    (english / "botchan.txt").write_text("\n".join((SAMPLE / "eval" / "botchan.txt").read_text(encoding="utf-8")
+                                                   .splitlines()[:80]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["--tokenizer_name_or_path", str(bpe_tokenizer_dir), "--train_dir", str(train), "--eval_dir",
+                 str(thai), str(english), "--output_dir", str(out), *TINY, "--max_steps", "2", "--save_steps", "2",
+                 "--evaluation_strategy", "steps", "--eval_steps", "2", "--deepspeed_config", "zero0.json"]) == 0
+    [record] = [r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    a, b = record[f"eval_loss/{thai}"], record[f"eval_loss/{english}"]
+    assert a != b and min(a, b) < record["eval_loss"] < max(a, b)  # overall: every masked token of both
+    assert record[f"perplexity/{thai}"] == pytest.approx(math.exp(a))
