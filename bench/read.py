@@ -8,7 +8,8 @@ data.bin + int64 data.idx). Indices are uniformly random over the whole file. Me
 
 1. one sample at a time, as a LongTensor (`store[i]`). Target: >= 3x.
 2. a batch of random samples through `__getitems__` (what the Trainer and DataLoader's batch sampler call) against
-   the struct reader reading the same batch sample by sample, in samples/s. Target: >= 20x.
+   the struct reader reading the same batch sample by sample, in samples/s, for one store and for the dataset
+   the trainer reads (a ShardedStore, here the same samples in 100 shards). Target: >= 20x.
 3. samples/s of the whole input path with ds_mlm.collator.MLMCollator: the Trainer's loop (indices ->
    `__getitems__` -> collator) and a torch DataLoader (batch sampler, collate_fn = the collator), for comparison
    with what a training step consumes.
@@ -29,7 +30,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shards import write_sharded  # noqa: E402
+
 from ds_mlm.collator import MLMCollator  # noqa: E402
+from ds_mlm.data.manifest import ShardedStore  # noqa: E402
 from ds_mlm.data.store import StoreWriter, open_store  # noqa: E402
 
 VOCAB = 8000
@@ -64,7 +69,9 @@ def write_both(workdir: str, n: int, rng):
     with StoreWriter(os.path.join(workdir, "store"), np.uint16, "0" * 64) as writer:
         writer.append(tokens, offsets)
         writer.commit()
-    return StructReader(ancestor), open_store(os.path.join(workdir, "store"))
+    write_sharded(os.path.join(workdir, "sharded"), tokens.astype(np.uint16), offsets, 100)
+    return (StructReader(ancestor), open_store(os.path.join(workdir, "store")),
+            ShardedStore(os.path.join(workdir, "sharded")))
 
 
 def rate(fn, seconds: float) -> float:
@@ -86,9 +93,9 @@ def main():
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 shared cores)")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="ds-mlm-read-") as workdir:
-        ancestor, store = write_both(workdir, args.samples, rng)
+        ancestor, store, sharded = write_both(workdir, args.samples, rng)
         probe = rng.integers(0, args.samples, size=200).tolist()
-        assert all(ancestor[i].tolist() == store[i].tolist() for i in probe), "the two layouts differ"
+        assert all(ancestor[i].tolist() == store[i].tolist() == sharded[i].tolist() for i in probe), "layouts differ"
         single = iter(rng.integers(0, args.samples, size=10_000_000).tolist())
         batches = lambda: rng.integers(0, args.samples, size=args.batch).tolist()  # noqa: E731
 
@@ -96,10 +103,12 @@ def main():
         new_one = rate(lambda: store[next(single)], args.seconds)
         old_batch = rate(lambda: [ancestor[i] for i in batches()], args.seconds) * args.batch
         new_batch = rate(lambda: store.__getitems__(batches()), args.seconds) * args.batch
+        sharded_batch = rate(lambda: sharded.__getitems__(batches()), args.seconds) * args.batch
         print(f"1. one sample -> LongTensor: struct {old_one:,.0f}/s, store[i] {new_one:,.0f}/s: "
               f"{new_one / old_one:.1f}x (target >= 3x)")
         print(f"2. batches of {args.batch} random samples: struct {old_batch:,.0f} samples/s, __getitems__ "
-              f"{new_batch:,.0f} samples/s: {new_batch / old_batch:.1f}x (target >= 20x)")
+              f"{new_batch:,.0f} samples/s: {new_batch / old_batch:.1f}x; ShardedStore of 100 shards "
+              f"{sharded_batch:,.0f} samples/s: {sharded_batch / old_batch:.1f}x (target >= 20x)")
 
         collator = MLMCollator(mask_token_id=4, pad_token_id=1, vocab_size=VOCAB, special_token_ids=(0, 1, 2, 3, 4))
 

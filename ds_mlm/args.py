@@ -8,17 +8,19 @@ line (`TrainingArguments.explicit_flags`): a given flag overrides the ds_config 
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from ds_mlm.errors import UserError
 
 ARCHITECTURES = ("roberta-tiny", "roberta-base", "roberta-large")
 DATASET_TYPES = ("MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset")
 LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
+VERIFY_POLICIES = ("once", "always", "never")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -56,33 +58,46 @@ class ModelArguments:
             raise UserError("--model_name_or_path and --model_dir both given: warm start from one of them")
 
 
+def _as_list(value) -> Optional[list]:
+    """A list-valued flag given one value in code (DataArguments(train_dir="D")) is a list of one."""
+    return [value] if isinstance(value, (str, os.PathLike, int, float)) else (None if value is None else list(value))
+
+
 @dataclass
 class DataArguments:
-    train_dir: Optional[str] = arg(None, "Directory of training text files; every *.{ext} file in it is used (sorted).")
-    eval_dir: Optional[str] = arg(None, "Directory of evaluation text files; every *.{ext} file in it is used.")
-    ext: str = arg("txt", "Extension of the text files, with or without the dot (txt or .txt).")
+    train_dir: Optional[List[str]] = arg(None, "Directories of training data, one or more (sources mixed by --train_weights); every file with an --ext extension in each is used (sorted).")
+    eval_dir: Optional[List[str]] = arg(None, "Directories of evaluation data, one or more: eval_loss and perplexity are reported per directory and overall.")
+    ext: List[str] = arg(("txt",), "Extensions of the input files, one or more, with or without the dot: txt, jsonl, json, parquet, and txt/jsonl/json + .gz or .zst (e.g. --ext jsonl.gz parquet).")
+    text_field: str = arg("text", "The field of JSONL records and the column of Parquet files that holds the text.")
+    train_weights: Optional[List[float]] = arg(None, "One weight per --train_dir source: the share of training samples drawn from it (need not sum to 1). Default: shares follow the sources' sizes.")
+    data_seed: int = arg(42, "Seed of the mixture's choice of samples when --train_weights sub- or oversamples a source.")
     max_seq_length: int = arg(512, "Tokens per training sample, <s> and </s> included (the block size).")
     mlm_probability: float = arg(0.15, "Share of tokens to mask.")
-    datasets_cache_dir: Optional[str] = arg(None, "Where the tokenized token stores live (train/ and validation/). Default: {output_dir}/datasets_cache.")
+    datasets_cache_dir: Optional[str] = arg(None, "Where the tokenized datasets live (train/ and validation/, one shard per input file). Default: {output_dir}/datasets_cache.")
     datasets_type: str = arg("MemmapConcatFullSentenceTextDataset", f"How lines become samples: {' or '.join(DATASET_TYPES)}.")
     whole_word_mask: bool = arg(False, "Mask whole words (a word-start token and the pieces after it) instead of single tokens.")
-    long_sentence: str = arg("split", "A line longer than one block: split (keep every token), skip (the ancestor), or truncate.")
-    overwrite_cache: bool = arg(False, "Rebuild the token stores even if they match the inputs.")
+    long_sentence: str = arg("split", "A line longer than one block: split (keep every token), skip (the ancestor: close the open block, drop the line), or truncate.")
+    overwrite_cache: bool = arg(False, "Rebuild the token datasets even if they match the inputs.")
+    verify_data: str = arg("once", f"Check the token data against their checksums: {', '.join(VERIFY_POLICIES)} (once: the first time each node opens a shard).")
     tokenize_chunksize: int = arg(2500, "Lines per tokenization chunk (memory use of the build scales with this).")
-    preprocessing_num_workers: Optional[int] = arg(None, "Worker processes for tokenization (default: all cores of the node).")
-    cache_scope: str = arg("auto", "Is --datasets_cache_dir shared by all nodes (shared: global rank 0 builds) or not (local: local rank 0 of each node builds); auto detects.")
-    build_dataset_only: bool = arg(False, "Build the train and eval token stores, print the report, and exit.")
+    preprocessing_num_workers: Optional[int] = arg(None, "Worker processes for tokenization, per building process (default: the node's cores shared among its processes).")
+    cache_scope: str = arg("auto", "Is --datasets_cache_dir shared by all nodes (shared: the whole job builds one cache) or not (local: each node builds its own); auto detects.")
+    build_dataset_only: bool = arg(False, "Build the train and eval datasets, print the report, and exit.")
 
     def __post_init__(self):
-        self.ext = self.ext.lstrip(".")  # the ancestor's default ".txt" made the pattern "*..txt": accept both
-        if not self.ext:
-            raise UserError("--ext is empty: give the text files' extension, e.g. --ext txt")
+        self.train_dir, self.eval_dir = _as_list(self.train_dir), _as_list(self.eval_dir) or None
+        self.train_weights = _as_list(self.train_weights)
+        self.ext = [e.lstrip(".") for e in _as_list(self.ext)]  # the ancestor's default ".txt" made "*..txt"
+        if not self.ext or not all(self.ext):
+            raise UserError("--ext is empty: give the input files' extension, e.g. --ext txt")
         if self.max_seq_length < 3:
             raise UserError(f"--max_seq_length {self.max_seq_length} cannot hold <s>, one token and </s>: use at least 3 (typically 128 or 512)")
         if self.datasets_type not in DATASET_TYPES:
             raise UserError(f"unknown --datasets_type {self.datasets_type!r}: use {' or '.join(DATASET_TYPES)}")
         if self.long_sentence not in LONG_SENTENCE_POLICIES:
             raise UserError(f"unknown --long_sentence {self.long_sentence!r}: use one of {', '.join(LONG_SENTENCE_POLICIES)}")
+        if self.verify_data not in VERIFY_POLICIES:
+            raise UserError(f"unknown --verify_data {self.verify_data!r}: use one of {', '.join(VERIFY_POLICIES)}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise UserError(f"--mlm_probability {self.mlm_probability} must be between 0 and 1 (0.15 is usual)")
         if self.tokenize_chunksize < 1:
@@ -91,8 +106,16 @@ class DataArguments:
             raise UserError("--preprocessing_num_workers must be at least 1")
         if self.cache_scope not in ("auto", "shared", "local"):
             raise UserError(f"unknown --cache_scope {self.cache_scope!r}: use auto, shared or local")
-        if self.train_dir is None:
-            raise UserError("--train_dir is required: the directory of training *.txt files")
+        if not self.train_dir:
+            raise UserError("--train_dir is required: the directory (or directories) of training text files")
+        if len(set(self.train_dir)) < len(self.train_dir) or (self.eval_dir and len(set(self.eval_dir)) < len(self.eval_dir)):
+            raise UserError("a directory is given twice to --train_dir or --eval_dir: give each source once (use --train_weights to upweight it)")
+        if self.train_weights is not None and len(self.train_weights) != len(self.train_dir):
+            raise UserError(f"--train_weights has {len(self.train_weights)} value(s) for {len(self.train_dir)} --train_dir source(s): give one weight per source, in the same order")
+        if self.train_weights is not None and not all(math.isfinite(w) and w > 0 for w in self.train_weights):
+            raise UserError(f"--train_weights {' '.join(map(str, self.train_weights))}: every weight must be a positive number")
+        if not self.text_field:
+            raise UserError("--text_field is empty: give the field of your JSONL/Parquet records that holds the text")
 
 
 @dataclass
@@ -205,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
             if tp is bool:  # `--fp16` alone means true; `--fp16 false` also parses, as in HF
                 group.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
                                    default=argparse.SUPPRESS, help=f.metadata["help"])
+            elif typing.get_origin(tp) is list:  # `--train_dir A B`; the ancestor's `--train_dir A` is a list of one
+                group.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+",
+                                   default=argparse.SUPPRESS, metavar=f.name.upper(), help=f.metadata["help"])
             else:
                 group.add_argument(*names, dest=f.name, type=tp, default=argparse.SUPPRESS,
                                    metavar=f.name.upper(), help=f.metadata["help"])

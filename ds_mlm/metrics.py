@@ -18,7 +18,7 @@ formula) / window seconds / world size / 1e12: achieved TFLOP/s per device, and 
 peak (where known); "data_wait" is the share of the window the training loop waited for its next batch (rank 0's);
 "peak_memory_gib" is rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated; CUDA only). With several
 training sources, "samples_by_source" counts each source's samples since the start of training; with several
-evaluation sources, "eval_by_source" holds each one's eval_loss and perplexity (TensorBoard: eval/<source>/loss).
+evaluation sources, "eval_loss/<dir>" and "perplexity/<dir>" are each one's (TensorBoard: eval/<dir>/loss).
 """
 
 import json
@@ -155,9 +155,10 @@ class MetricsWriter:
                 self.tb.add_scalar(TENSORBOARD_TAGS[key], value, step)
         for source, count in record.get("samples_by_source", {}).items():
             self.tb.add_scalar(f"data/samples/{source}", count, step)
-        for source, metrics in record.get("eval_by_source", {}).items():
-            self.tb.add_scalar(f"eval/{source}/loss", metrics["eval_loss"], step)
-            self.tb.add_scalar(f"eval/{source}/perplexity", metrics["perplexity"], step)
+        for key, value in record.items():  # one --eval_dir of several: eval_loss/<dir>, perplexity/<dir>
+            if key.startswith(("eval_loss/", "perplexity/")):
+                kind, source = key.split("/", 1)
+                self.tb.add_scalar(f"eval/{source}/{'loss' if kind == 'eval_loss' else kind}", value, step)
         self.tb.flush()
 
     def close(self) -> None:

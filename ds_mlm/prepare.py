@@ -1,33 +1,58 @@
-"""The token stores of a run: which files, who builds them, who waits, and a check that every rank reads the same.
+"""The datasets of a run: which files, who builds which shards, who waits, and a check that every rank reads the same.
 
-One process builds a missing or stale store while the others wait: global rank 0 when `--datasets_cache_dir` is
-shared by all nodes, the first rank of each node when it is not (`--cache_scope`; `auto` asks the file system, and
-also handles a directory shared by some nodes only). Before anything is built, every rank compares the fingerprint
-of its inputs (files and tokenizer) with everyone's: nodes that would train on other data stop the job with one line
-naming them. Waiting ranks poll the job's rendezvous store for the builder's word ("done" or its error) instead of
-sitting in a collective, so a build of many hours never trips the process group's timeout, a build error reaches
-every rank, and a builder that dies (taking rank 0's store with it, or killed with its node) ends the wait.
+Each split (train: every --train_dir; validation: every --eval_dir) is one sharded dataset in --datasets_cache_dir
+(ds_mlm/data/manifest.py), one shard per input file. Preparing them:
+
+1. Plans (data/plan.py): the first rank of each node lists and fingerprints the inputs (once per node: hashing
+   reads them) and shares them with its node; every rank compares the plans' fingerprints with everyone's: nodes
+   that would train on other data stop the job with one line naming them.
+2. Groups: the processes that see one cache directory build it together. Its leader is global rank 0 when the
+   cache is shared by all nodes, the first rank of each node when it is node-local (`--cache_scope`; `auto` asks
+   the file system, and also handles a directory shared by some nodes only).
+3. The leader takes the cache's lock (ds_mlm.lock.DirLock, waiting: a second job on the same cache waits, then
+   reuses what the first built), finds the shards that are there and sound, and deals the missing ones to the
+   group's processes, balanced by input size (plan.balance). Each builds its share with its own worker pool
+   (the node's cores are shared among its processes); the leader writes the manifests once all said "done".
+4. Everyone opens the datasets read-only; the first rank of each node checks the checksums of the shards it has
+   not checked yet (--verify_data, data/verify.py). The training set is a Mixture of the train sources
+   (--train_weights); the evaluation sets are one dataset per --eval_dir.
+
+After step 2, every wait polls the job's rendezvous store (never a collective), so a build of many hours never trips
+the process group's timeout and an error anywhere reaches every rank of the group as one line (data/group.py).
 """
 
+import dataclasses
+import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
 
 from ds_mlm import distributed, preflight
-from ds_mlm.data import DatasetSpec, StaleCacheError, ensure_store, list_text_files, open_store
-from ds_mlm.errors import UserError
+from ds_mlm.data.build import build_shards, check_built, manifest_is_current, no_samples_error, present_shards, \
+    shard_counts
+from ds_mlm.data.formats import list_input_files
+from ds_mlm.data.group import BuildGroup
+from ds_mlm.data.manifest import (SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest,
+                                  remove_leftovers)
+from ds_mlm.data.mixture import Mixture
+from ds_mlm.data.plan import BuildOptions, balance, plan_dataset
+from ds_mlm.data.store import StaleCacheError
+from ds_mlm.data.verify import check_shards
+from ds_mlm.errors import Terminated, UserError
+from ds_mlm.lock import DirLock
 
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)  # who builds and who waits is news from every rank (run_mlm shows INFO from rank 0 only)
 POLL_SECONDS = 1.0
-SAY_WAITING_EVERY = 300.0
-VISIBLE_WITHIN = 60.0  # a store renamed into place on one NFS client can take a while to appear on the others
+VISIBLE_WITHIN = 60.0  # a manifest renamed into place on one NFS client can take a while to appear on the others
+SPLITS = (("train", "--train_dir", "train_dir"), ("validation", "--eval_dir", "eval_dir"))
 
 
 def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
-    """The global rank that builds the stores this rank reads."""
+    """The global rank that leads the build of the cache this rank reads."""
     if scope == "shared" or dist.world_size == dist.local_world_size:
         return 0
     if scope == "local":
@@ -56,85 +81,157 @@ def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
                         "(same paths, sizes and modification times: copy with rsync -a) and the same tokenizer")
 
 
-def _signal_key(builder: int, split: str) -> str:
-    # A restarted torchrun attempt keeps its agent's store: the restart count keeps an old attempt's word out.
-    return f"ds_mlm/dataset/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{builder}/{split}"
+def _why(e: BaseException) -> str:
+    """One line saying how a process stopped."""
+    if isinstance(e, Terminated):
+        return f"was stopped by {signal.Signals(e.signum).name}"
+    if isinstance(e, KeyboardInterrupt):
+        return "was interrupted"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
-def _build(spec, path: str, fingerprint: str, split: str, data_args, dist, store) -> None:
-    """Build (or reuse) the store, then tell the waiting ranks how it went."""
-    try:
-        report = ensure_store(spec, path, num_workers=data_args.preprocessing_num_workers,
-                              chunk_size=data_args.tokenize_chunksize, overwrite=data_args.overwrite_cache,
-                              fingerprint=fingerprint)
-    except BaseException as e:
-        if store is not None:
-            store.set(_signal_key(dist.rank, split), f"failed: {' '.join(str(e).split()) or type(e).__name__}")
-        raise
-    if report is None:
-        log.info("rank %d: %s: reusing the token store in %s (its inputs are unchanged)", dist.rank, split, path)
-    else:
-        log.info("rank %d: %s: built %s\n%s", dist.rank, split, path, report.format())
-    if store is not None:
-        store.set(_signal_key(dist.rank, split), "done")
+def _workers(data_args, dist) -> int:
+    # every process of the node builds: they share its cores
+    cores = len(os.sched_getaffinity(0))
+    return data_args.preprocessing_num_workers or max(1, cores // max(dist.local_world_size, 1))
 
 
-def _wait(path: str, fingerprint: str, split: str, builder: int, dist, store):
-    """Wait for the builder's word, then open the finished store read-only."""
-    key, started = _signal_key(builder, split), time.monotonic()
-    log.info("rank %d: waiting for dataset build: rank %d builds the %s store in %s", dist.rank, builder, split, path)
-    said = started
-    while True:
-        try:
-            ready = store.check([key])
-        except Exception:  # noqa: BLE001 (the store's network errors have no common public type)
-            raise UserError(f"rank {dist.rank}: lost the job's rendezvous store while rank {builder} was building the "
-                            f"{split} dataset: rank 0 has died; its log says why") from None
-        if ready:
-            break
-        now = time.monotonic()
-        if now - said >= SAY_WAITING_EVERY and dist.rank == builder + 1:  # one voice per builder is enough
-            log.info("rank %d: still waiting for the %s dataset build (%.0f s)", dist.rank, split, now - started)
-            said = now
-        time.sleep(POLL_SECONDS)
-    word = store.get(key).decode()
-    if word != "done":
-        raise UserError(f"rank {dist.rank}: the {split} dataset build on rank {builder} {word}")
+def _build_share(plans, paths, share: dict, tokenizer, data_args, dist, group) -> None:
+    """Build this process's `share` ({split: [shard names]}) and read each back against its checksum."""
+    for path in paths.values():
+        remove_leftovers(path)  # of builds on this host that were killed (each host cleans its own)
+    for split, names in share.items():
+        if not names:
+            continue
+        wanted = set(names)
+        shards = [s for s in plans[split].shards if s.name in wanted]
+        os.makedirs(os.path.join(paths[split], SHARDS), exist_ok=True)
+        report = build_shards(plans[split], paths[split], shards, tokenizer, _workers(data_args, dist),
+                              data_args.tokenize_chunksize, beat=group.beat)
+        check_built(paths[split], report.built)
+        if dist.rank != group.leader:
+            log.info("rank %d: %s: tokenized %d shard(s) of %s (its share)\n%s", dist.rank, split,
+                     len(report.built), paths[split], report.format())
+        else:
+            group.own_reports[split] = report
+
+
+def _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group) -> None:
+    """Step 3 for the leader: lock, deal, build, wait, write the manifests (see the module docstring)."""
+    with DirLock(cache_dir, "dataset build", wait=True, flag="--datasets_cache_dir"):
+        present = {split: [] if data_args.overwrite_cache else present_shards(plan, paths[split],
+                                                                               data_args.verify_data)
+                   for split, plan in plans.items()}
+        missing = list({f"{split}/{s.name}": dataclasses.replace(s, name=f"{split}/{s.name}")  # a file in two
+                        for split, plan in plans.items() for s in plan.shards  # sources is one shard
+                        if s.name not in present[split]}.values())
+        shares = {rank: {} for rank in group.members}
+        for rank, names in balance(missing, group.members).items():
+            for name in names:
+                split, shard = name.split("/", 1)
+                shares[rank].setdefault(split, []).append(shard)
+        group.say("plan", json.dumps({str(r): s for r, s in shares.items()}))
+        _build_share(plans, paths, shares[dist.rank], tokenizer, data_args, dist, group)
+        group.wait_for_members()
+        for split, plan in plans.items():
+            if not missing and manifest_is_current(plan, paths[split], present[split], data_args.verify_data):
+                log.info("rank %d: %s: reusing the token dataset in %s (its inputs are unchanged)", dist.rank, split,
+                         paths[split])
+                continue
+            counts = shard_counts(plan, paths[split])
+            error = no_samples_error(plan, counts, "--train_dir" if split == "train" else "--eval_dir")
+            if error:
+                raise error
+            finalize(plan, paths[split], counts)
+            built = sum(1 for s in missing if s.name.startswith(f"{split}/"))
+            report = group.own_reports.get(split)
+            log.info("rank %d: %s: built %s: %d shard(s) built by %d process(es), %d reused%s", dist.rank, split,
+                     paths[split], built, len(group.members), len(present[split]),
+                     f"\n{report.format()}" if report is not None else "")
+
+
+def _open(plan, path: str, data_args, dist, group) -> ShardedStore:
+    """The dataset, once this node sees it complete (a shared file system may take a moment)."""
     deadline = time.monotonic() + VISIBLE_WITHIN
     while True:
         try:
-            return open_store(path, expect_fingerprint=fingerprint)
-        except (StaleCacheError, FileNotFoundError):
+            store = ShardedStore(path, expect_fingerprint=plan.fingerprint)
+            break
+        except StaleCacheError:
             if time.monotonic() > deadline:
-                raise UserError(f"rank {dist.rank} on {socket.gethostname()}: rank {builder} built {path}, but this "
-                                "node sees no such store there: the cache directory is not shared between these "
-                                "nodes; use --cache_scope local (or auto)") from None
+                raise UserError(f"rank {dist.rank} on {socket.gethostname()}: rank {group.leader} built {path}, but "
+                                "this node sees no such dataset there: the cache directory is not shared between "
+                                "these nodes; use --cache_scope local (or auto)") from None
             time.sleep(POLL_SECONDS)
+    if dist.local_rank == 0:  # once per node: shards built on other hosts, or never checked here
+        damaged = check_shards(path, store.shard_names, data_args.verify_data)
+        if damaged:
+            raise UserError(f"{damaged[0][1]} (as read on {socket.gethostname()}): run again to rebuild it")
+    return store
+
+
+def _sources(data_args):
+    """{split: [(directory as given, its files)]}: listed first, so a missing folder fails before any write."""
+    out = {}
+    for split, flag, field in SPLITS:
+        dirs = getattr(data_args, field) or []
+        if dirs:
+            out[split] = [(d, list_input_files(d, data_args.ext, flag)) for d in dirs]
+    return out
 
 
 def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir: str):
-    """(train_dataset, eval_dataset or None), each a read-only memory-mapped token store."""
-    splits = [("train", "--train_dir", data_args.train_dir)]
-    if data_args.eval_dir:
-        splits.append(("validation", "--eval_dir", data_args.eval_dir))
-    specs = {split: DatasetSpec(files=list_text_files(directory, data_args.ext, flag), tokenizer=tokenizer,
-                                block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
-                                long_sentence=data_args.long_sentence)
-             for split, flag, directory in splits}
+    """(train dataset: a Mixture of the train sources, {eval source: dataset} or None); see the module docstring."""
+    sources = _sources(data_args)
+    options = BuildOptions(block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
+                           long_sentence=data_args.long_sentence, text_field=data_args.text_field)
     preflight.writable_dir(cache_dir, "--datasets_cache_dir")  # a real write: its error says why
-
-    # Hashing the inputs reads them: once per node (its first rank), not once per process.
-    mine = {split: spec.fingerprint() for split, spec in specs.items()} if dist.local_rank == 0 else None
-    fingerprints = distributed.all_gather_object(mine)[dist.first_rank_on_node]
-    check_same_inputs(fingerprints, dist)
-    builder = builder_rank(cache_dir, dist, data_args.cache_scope)
-    store = distributed.job_store()
-    datasets = {}
-    for split, spec in specs.items():
-        path = os.path.join(cache_dir, split)
-        if dist.rank == builder:
-            _build(spec, path, fingerprints[split], split, data_args, dist, store)
-            datasets[split] = open_store(path, expect_fingerprint=fingerprints[split])
+    paths = {split: os.path.join(cache_dir, split) for split in sources}
+    older = {split: check_replaceable(path) for split, path in paths.items()}  # a foreign directory: fail now
+    mine = None
+    if dist.local_rank == 0:  # hashing the inputs reads them: once per node (its first rank), not once per process
+        mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])))
+                for split, srcs in sources.items()}
+    plans = distributed.all_gather_object(mine)[dist.first_rank_on_node]
+    check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
+    leader = builder_rank(cache_dir, dist, data_args.cache_scope)
+    members = [rank for rank, lead in enumerate(distributed.all_gather_object(leader)) if lead == leader]
+    group = BuildGroup(leader, members, dist, distributed.job_store(), " and ".join(sources))
+    try:
+        if dist.rank == leader:
+            for split, what in older.items():
+                if what:
+                    log.info("%s: %s; building it again as one shard per input file (format 2)", paths[split], what)
+            _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group)
         else:
-            datasets[split] = _wait(path, fingerprints[split], split, builder, dist, store)
-    return datasets["train"], datasets.get("validation")
+            share = json.loads(group.wait_for("plan")).get(str(dist.rank), {})
+            try:
+                _build_share(plans, paths, share, tokenizer, data_args, dist, group)
+            except BaseException as e:
+                group.say(f"member/{dist.rank}", f"failed: {_why(e)}")
+                raise
+            group.say(f"member/{dist.rank}", "done")
+            log.info("rank %d: waiting for dataset build: rank %d writes the %s dataset in %s", dist.rank, leader,
+                     group.what, cache_dir)
+            group.wait_for("done")
+    except BaseException as e:
+        if dist.rank == leader and group.store is not None:  # whoever waits on the leader learns why, in one line
+            if group._poll("plan") is None:
+                group.say("plan", f"failed: {_why(e)}")
+            group.say("done", f"failed: {_why(e)}")
+        raise
+    if dist.rank == leader:
+        group.say("done", "done")
+    # Everyone has the word within POLL_SECONDS: rank 0 must not leave (--build_dataset_only) and take the store
+    # with it before then
+    distributed.barrier()
+    for split in plans:
+        _open(plans[split], paths[split], data_args, dist, group)
+    train = Mixture([ShardedStore(paths["train"], plans["train"].fingerprint, source=k)
+                     for k in range(len(plans["train"].sources))], data_args.train_dir, data_args.train_weights,
+                    seed=data_args.data_seed)
+    evals = None
+    if "validation" in plans:
+        evals = {name: ShardedStore(paths["validation"], plans["validation"].fingerprint, source=k)
+                 for k, name in enumerate(data_args.eval_dir)}
+    return train, evals

@@ -130,12 +130,12 @@ def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, che
     set_seed(plan.seed)  # same initial weights on every rank and every run with this seed
     model = build_model(model_args, tokenizer, data_args.max_seq_length, config)
     engine = build_engine(plan, model, load_universal=universal)
-    eval_sets = eval_ds if isinstance(eval_ds, dict) or eval_ds is None else {data_args.eval_dir: eval_ds}
+    eval_sets = eval_ds if isinstance(eval_ds, dict) or eval_ds is None else {"eval": eval_ds}
     trainer = make_trainer(plan, engine, tokenizer, train_ds, eval_sets, dist, checkpointer, train_args,
                            fresh_over_old=train_args.overwrite_output_dir and chosen is None)
     if chosen is not None:
         resume.restore(trainer, checkpointer, chosen, plan, dist, universal)
-    announce(plan, len(train_ds))
+    announce(plan, train_ds)
     return trainer
 
 
@@ -159,7 +159,10 @@ def train(trainer, tokenizer, save_on_signal: bool) -> int:
     return 0
 
 
-def announce(plan, train_samples: int) -> None:
+def announce(plan, train_ds) -> None:
+    if hasattr(train_ds, "describe"):  # the sources: files, tokens, samples, weight, epochs in this run
+        log.info("%s", train_ds.describe(plan.max_steps * plan.global_batch))
+    train_samples = len(train_ds)
     tokens_per_step = plan.global_batch * plan.seq_length
     log.info("global batch %d = micro %d x grad accumulation %d x %d processes (%s tokens/step at %d per sample)",
              plan.global_batch, plan.micro_batch, plan.grad_accumulation, plan.world_size, f"{tokens_per_step:,}",

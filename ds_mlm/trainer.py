@@ -3,7 +3,7 @@
     trainer = Trainer(plan, engine, loader, eval_sets, eval_collator, dist, checkpointer, options)
     trainer.load_state_dict(state)      # a checkpoint's trainer state (after checkpointer.load restored the engine)
     outcome = trainer.train(stop)       # "done", or "preempted" after a signal's checkpoint
-    trainer.evaluate()                  # {"eval_loss", "perplexity"[, "eval_by_source"]}, every rank
+    trainer.evaluate()                  # {"eval_loss", "perplexity"[, per --eval_dir ones]}, every rank
 
 One optimizer step = the plan's accumulation of micro-batches per rank (the step's global batch: sampler.py).
 The loss of a step is the cross-entropy summed over its masked tokens on every rank, divided by their number (one
@@ -243,9 +243,10 @@ class Trainer:
         total_loss, total_tokens = (sum(v[i] for v in sums.values()) for i in (0, 1))
         eval_loss = total_loss / max(total_tokens, 1.0)
         out = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
-        if len(sums) > 1:
-            out["eval_by_source"] = {name: {"eval_loss": s / max(c, 1.0), "perplexity": perplexity(s / max(c, 1.0))}
-                                     for name, (s, c) in sums.items()}
+        if len(sums) > 1:  # each --eval_dir on its own too, keyed by the directory as given
+            for name, (s, c) in sums.items():
+                out[f"eval_loss/{name}"] = s / max(c, 1.0)
+                out[f"perplexity/{name}"] = perplexity(out[f"eval_loss/{name}"])
         return out
 
 

@@ -23,7 +23,7 @@ SEED_FLAGS = [a[2:] for a in SEED_COMMAND if a.startswith("--")]
 def test_seed_command_parses_into_the_right_fields():
     model, data, train = parse_args(SEED_COMMAND)
     assert (model.tokenizer_name_or_path, model.tokenizer_type, model.add_space_token) == ("T", "spm", True)
-    assert (data.train_dir, data.eval_dir, data.ext, data.max_seq_length) == ("D", "E", "txt", 128)
+    assert (data.train_dir, data.eval_dir, data.ext, data.max_seq_length) == (["D"], ["E"], ["txt"], 128)
     assert data.datasets_cache_dir == "C" and data.datasets_type == "MemmapConcatFullSentenceTextDataset"
     assert (train.learning_rate, train.weight_decay, train.adam_beta2, train.adam_epsilon) == (5e-4, 0.01, 0.98, 1e-6)
     assert (train.max_steps, train.per_device_train_batch_size, train.gradient_accumulation_steps) == (20, 4, 2)
@@ -51,7 +51,19 @@ def test_launchers_local_rank_spellings(spelling):
 def test_ext_with_or_without_dot_and_aliases():
     _, data, train = parse_args(["--train_dir", "D", "--output_dir", "O", "--ext", ".txt", "--eval_strategy", "steps",
                                  "--deepspeed", "x.json"])
-    assert data.ext == "txt" and train.evaluation_strategy == "steps" and train.deepspeed_config == "x.json"
+    assert data.ext == ["txt"] and train.evaluation_strategy == "steps" and train.deepspeed_config == "x.json"
+
+
+def test_several_sources_extensions_and_weights():
+    _, data, _ = parse_args(["--train_dir", "news", "web", "--train_weights", "0.7", "0.3", "--eval_dir", "e1", "e2",
+                             "--ext", "jsonl.gz", ".parquet", "--text_field", "content", "--output_dir", "O"])
+    assert (data.train_dir, data.train_weights, data.eval_dir) == (["news", "web"], [0.7, 0.3], ["e1", "e2"])
+    assert (data.ext, data.text_field, data.verify_data) == (["jsonl.gz", "parquet"], "content", "once")
+    for extra, words in ((["--train_weights", "1"], "1 value\\(s\\) for 2 --train_dir"),
+                         (["--train_weights", "1", "0"], "positive"),
+                         (["--train_dir", "a", "a"], "given twice"), (["--verify_data", "sometimes"], "once")):
+        with pytest.raises(UserError, match=words):
+            parse_args(["--train_dir", "a", "b", "--output_dir", "O", *extra])
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -1,4 +1,4 @@
-"""Building token stores end to end: same ids as the tokenizer, a cache that knows its inputs, dirty files,
+"""Building token datasets end to end: same ids as the tokenizer, a cache that knows its inputs, dirty files,
 worker-count independence, the ancestor's dataset classes, and kill -9 at random moments of a build."""
 
 import logging
@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from ds_mlm.data import (ConcatDataset, DatasetSpec, MemmapConcatFullSentenceTextDataset, MemmapLineByLineTextDataset,
                          PaddedDataset, StaleCacheError, ensure_store, list_text_files, open_store,
                          pack_full_sentences, pack_lines)
+from ds_mlm.data.manifest import MANIFEST, SHARDS, read_manifest
 from ds_mlm.data.spec import separator_id
 from ds_mlm.data.store import DATA, INDEX
 from ds_mlm.errors import UserError
@@ -52,7 +53,16 @@ def tokenizer(bpe_tokenizer_dir):
 
 
 def store_bytes(path):
-    return (open(os.path.join(path, DATA), "rb").read(), open(os.path.join(path, INDEX), "rb").read())
+    """Every byte of a dataset's token data: each shard's files (by name) and the index."""
+    manifest = read_manifest(str(path))
+    shards = [sh["name"] for src in manifest["sources"] for sh in src["shards"]]
+    return ([(name, open(os.path.join(path, SHARDS, name, DATA), "rb").read(),
+              open(os.path.join(path, SHARDS, name, INDEX), "rb").read()) for name in shards],
+            open(os.path.join(path, manifest["index"]), "rb").read())
+
+
+def leftovers(root):
+    return [os.path.join(d, n) for d, dirs, _ in os.walk(root) for n in dirs if ".tmp-" in n or ".old-" in n]
 
 
 def samples(path):
@@ -74,15 +84,21 @@ def test_the_store_holds_the_tokenizers_ids_packed(tmp_path, tokenizer, small_co
     files = list_text_files(str(small_corpus[0]), "txt")
     assert len(files) == 2
     report = ensure_store(DatasetSpec(files, tokenizer, 64, datasets_type), str(tmp_path / "s"), chunk_size=50)
-    ids = tokenizer(clean_lines(files), add_special_tokens=False)["input_ids"]  # the slow path, as a reference
-    if datasets_type == CONCAT:
-        assert "▁" not in tokenizer.get_vocab() and "\n" not in tokenizer.get_vocab()  # so </s> separates
-        blocks, offsets, stats = pack_full_sentences(*flat(ids), 64, 0, 2, tokenizer.eos_token_id)
-    else:
-        blocks, offsets, stats = pack_lines(*flat(ids), 64, 0, 2)
-    assert samples(tmp_path / "s") == [blocks[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    assert report.pack == stats and report.read.files == 2 and report.read.lines == len(ids)
-    assert f"{stats.blocks:,} of at most 64 ids" in report.format()
+    expected, lines, blocks_total = [], 0, 0
+    for path in files:  # one shard per file: blocks never straddle two files
+        ids = tokenizer(clean_lines([path]), add_special_tokens=False)["input_ids"]  # the slow path, as a reference
+        lines += len(ids)
+        if datasets_type == CONCAT:
+            assert "▁" not in tokenizer.get_vocab() and "\n" not in tokenizer.get_vocab()  # so </s> separates
+            blocks, offsets, stats = pack_full_sentences(*flat(ids), 64, 0, 2, tokenizer.eos_token_id)
+        else:
+            blocks, offsets, stats = pack_lines(*flat(ids), 64, 0, 2)
+        expected += [blocks[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        blocks_total += stats.blocks
+    assert samples(tmp_path / "s") == expected
+    assert report.pack.blocks == blocks_total and report.read.files == 2 and report.read.lines == lines
+    assert len(report.built) == 2 and report.reused == 0
+    assert f"{blocks_total:,} of at most 64 ids" in report.format()
 
 
 def test_workers_and_chunk_size_do_not_change_a_byte(tmp_path, tokenizer, sample_dirs):
@@ -102,10 +118,10 @@ def test_the_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, token
     def ensure(tok=tokenizer, block_size=64):
         spec = DatasetSpec(files, tok, block_size)
         report = ensure_store(spec, path)
-        return report, os.stat(os.path.join(path, INDEX)), open_store(path, expect_fingerprint=spec.fingerprint())
+        return report, os.stat(os.path.join(path, MANIFEST)), open_store(path, expect_fingerprint=spec.fingerprint())
 
     built, st, _ = ensure()
-    assert built is not None
+    assert built is not None and len(built.built) == 2
     again, st2, _ = ensure()
     assert again is None and (st2.st_ino, st2.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
 
@@ -114,16 +130,19 @@ def test_the_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, token
     open(files[0], "w", encoding="utf-8").write(text[:i] + "b" + text[i + 1:])  # same size, one byte changed
     report, st3, _ = ensure()
     assert report is not None and st3.st_ino != st2.st_ino
+    assert [n.split(".")[0] for n in report.built] == [os.path.basename(files[0]).split(".")[0]]  # that file only
+    assert report.reused == 1
 
     report, st4, store = ensure(block_size=32)
-    assert report is not None and st4.st_ino != st3.st_ino and max(store.sizes()) <= 32
+    assert report is not None and len(report.built) == 2 and max(store.sizes()) <= 32
 
     other = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
     other.add_tokens(["ประเทศไทย"])
     report, st5, _ = ensure(tok=other, block_size=32)
-    assert report is not None and st5.st_ino != st4.st_ino
+    assert report is not None and len(report.built) == 2
     assert ensure(tok=other, block_size=32)[0] is None
-    assert ensure_store(DatasetSpec(files, other, 32), path, overwrite=True) is not None
+    assert len(ensure_store(DatasetSpec(files, other, 32), path, overwrite=True).built) == 2
+    assert len(os.listdir(os.path.join(path, SHARDS))) == 2  # the shards of older settings are gone
 
 
 def test_dirty_files_are_repaired_counted_and_named(tmp_path, caplog):
@@ -138,24 +157,29 @@ def test_dirty_files_are_repaired_counted_and_named(tmp_path, caplog):
     assert "a.txt: 1 invalid UTF-8 sequence" in caplog.text and "b.txt: no text" in caplog.text
 
 
-def test_no_sample_at_all_is_a_user_error_and_leaves_nothing(tmp_path):
-    (tmp_path / "blank.txt").write_text("\n \n")
-    with pytest.raises(UserError, match="no sample from .*blank.txt .*add text"):
-        ensure_store(DatasetSpec([str(tmp_path / "blank.txt")], ByteTokenizer(), 16), str(tmp_path / "s"))
-    assert sorted(os.listdir(tmp_path)) == ["blank.txt"]
+def test_no_sample_at_all_is_a_user_error_and_writes_no_manifest(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blank.txt").write_text("\n \n")
+    with pytest.raises(UserError, match=f"no sample from the input {tmp_path / 'in'} .*add text"):
+        ensure_store(DatasetSpec([str(tmp_path / "in" / "blank.txt")], ByteTokenizer(), 16), str(tmp_path / "s"))
+    assert not (tmp_path / "s" / MANIFEST).exists() and not leftovers(tmp_path)
 
 
-def test_a_damaged_or_partial_store_is_rebuilt_with_a_message(tmp_path, caplog):
-    (tmp_path / "f.txt").write_text("some text\nmore text\n")
+def test_a_damaged_or_partial_shard_is_rebuilt(tmp_path, caplog):
+    (tmp_path / "f.txt").write_text("some text\nmore text\n" * 300)
     spec, path = DatasetSpec([str(tmp_path / "f.txt")], ByteTokenizer(), 16), tmp_path / "s"
     ensure_store(spec, str(path))
     good = store_bytes(path)
-    for damage, words in ((lambda: (path / INDEX).write_bytes(good[1][:40] + b"?" + good[1][41:]), "damaged"),
-                          (lambda: (path / DATA).write_bytes(good[0][:-1]), "incomplete")):
+    [(name, data, index)] = good[0]
+    shard = path / SHARDS / name
+    for damage in (lambda: (shard / INDEX).write_bytes(index[:40] + b"?" + index[41:]),  # the header
+                   lambda: (shard / DATA).write_bytes(data[:-2]),  # a partial data.bin
+                   lambda: (shard / DATA).write_bytes(data[:4000] + bytes(b ^ 1 for b in data[4000:8096]) +
+                                                      data[8096:])):  # 4 KiB flipped: only the checksum sees it
         damage()
         with caplog.at_level(logging.INFO):
-            assert ensure_store(spec, str(path)) is not None
-        assert words in caplog.text and store_bytes(path) == good
+            report = ensure_store(spec, str(path))
+        assert report is not None and report.built == [name] and store_bytes(path) == good
 
 
 @pytest.mark.parametrize("policy, lost", [("split", False), ("skip", True), ("truncate", True)])
@@ -223,6 +247,7 @@ def build_alternately(specs, path):
             ensure_store(spec, path, num_workers=2)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_leaves_a_store_that_looks_complete(tmp_path, tokenizer, sample_dirs):
     files = list_text_files(str(sample_dirs[0]), "txt")
     specs = [DatasetSpec(files, tokenizer, 128), DatasetSpec(files, tokenizer, 96)]
@@ -245,7 +270,7 @@ def test_kill_9_at_random_moments_never_leaves_a_store_that_looks_complete(tmp_p
         time.sleep(rng.uniform(0.0, (0.8 if k % 2 else 2.0) * build_seconds))
         os.killpg(victim.pid, signal.SIGKILL)
         victim.join()
-        seen["leftover"] += any(".tmp-" in name or ".old-" in name for name in os.listdir(tmp_path))
+        seen["leftover"] += bool(leftovers(tmp_path))
         try:
             store = open_store(path)
         except StaleCacheError:
@@ -257,7 +282,7 @@ def test_kill_9_at_random_moments_never_leaves_a_store_that_looks_complete(tmp_p
     assert seen["leftover"] >= 6 and seen["missing"] >= 1, seen  # most kills landed in the middle of a write
     assert ensure_store(specs[0], path) is not None or seen["complete"]
     assert store_bytes(path) == reference[specs[0].fingerprint()]
-    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name or ".old-" in name]
+    assert not leftovers(tmp_path)
 
 
 def _die_in_the_worker(*args):
@@ -272,4 +297,4 @@ def test_a_worker_that_dies_ends_the_build_with_one_line(tmp_path, tokenizer, sm
     with pytest.raises(UserError, match="a tokenizer process died while building .*: lower "
                                         "--preprocessing_num_workers or --tokenize_chunksize"):
         ensure_store(spec, str(tmp_path / "train"), num_workers=2)
-    assert sorted(os.listdir(tmp_path)) == []  # nothing kept, not even the temporary directory
+    assert os.listdir(tmp_path / "train" / SHARDS) == []  # nothing kept, not even the temporary directory

@@ -15,6 +15,9 @@ def reference_concat(sentences, block_size, policy):
     usable, blocks, current = block_size - 2, [], []
     for s in sentences:
         if len(s) > usable and policy == "skip":
+            if current:  # the ancestor closes the open block before it drops the line
+                blocks.append([BOS, *current, EOS])
+                current = []
             continue
         if len(s) > usable and policy == "truncate":
             s = s[:usable]
@@ -104,6 +107,7 @@ def test_edge_cases(dtype):
     long = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [11]]
     assert pack(long, policy="split") == [[BOS, 1, 2, 3, 4, EOS], [BOS, 5, 6, 7, 8, EOS], [BOS, 9, SEP, 11, EOS]]
     assert pack(long, policy="skip") == [[BOS, 11, EOS]]
+    assert pack([[7], long[0], [11]], policy="skip") == [[BOS, 7, EOS], [BOS, 11, EOS]]  # closed, then dropped
     assert pack(long, policy="truncate") == [[BOS, 1, 2, 3, 4, EOS], [BOS, 11, EOS]]
     assert pack([[7] * 9], bs=3) == [[BOS, 7, EOS]] * 9  # the smallest block: one id each
 
@@ -123,3 +127,68 @@ def test_bad_arguments_are_refused():
         Packer(CONCAT, 8, BOS, EOS, SEP, long_sentence="wrap")
     with pytest.raises(ValueError):
         Packer(CONCAT, 8, BOS, EOS, SEP).feed(np.arange(3), np.array([0, 2, 1, 3]))
+
+
+def ancestor_add_to_block_packing(sentences, block_size):
+    """A plain-Python transcription of thai2transformers' MemmapConcatFullSentenceTextDataset: lines truncated to
+    usable + 1 ids by the tokenizer, then its recursive `add_to_block` (shared/notes/ancestor.md). Its last block is
+    written without <s> and </s> (a defect ds-mlm fixes): it is returned apart."""
+    usable = block_size - 2
+    blocks = []
+
+    def add_to_block(ids, block):
+        size = len(block) + len(ids)
+        if block:
+            size += 1
+            if size > usable:
+                blocks.append([BOS] + block + [EOS])
+                return add_to_block(ids, [])
+            return block + [SEP] + ids
+        return [] if size > usable else list(ids)
+
+    block = []
+    for ids in sentences:
+        block = add_to_block(list(ids[:usable + 1]), block)
+    return blocks, block
+
+
+def ancestor_equivalent(sentences, block_size):
+    blocks, last = ancestor_add_to_block_packing(sentences, block_size)
+    return blocks + ([[BOS, *last, EOS]] if last else [])
+
+
+@settings(max_examples=400, deadline=None)
+@given(sentences=st.lists(st.lists(st.integers(5, 60000), min_size=1, max_size=25), max_size=40),
+       block_size=st.integers(3, 20), cuts=st.lists(st.integers(0, 40), max_size=4))
+def test_skip_is_the_ancestors_add_to_block_exactly(sentences, block_size, cuts):
+    # Non-empty sentences: the ancestor appends a lone separator for a line of no ids, ds-mlm ignores it (counted).
+    packer = Packer(CONCAT, block_size, BOS, EOS, SEP, "skip", np.uint16)
+    got, bounds = [], [0, *sorted(min(c, len(sentences)) for c in cuts), len(sentences)]
+    for a, b in zip(bounds[:-1], bounds[1:]):  # chunked as the build feeds it
+        got += as_lists(*packer.feed(*flat(sentences[a:b])))
+    got += as_lists(*packer.finish())
+    assert got == ancestor_equivalent(sentences, block_size)
+    assert packer.stats.skipped == sum(1 for s in sentences if len(s) > block_size - 2)
+
+
+def test_skip_is_the_ancestors_on_a_real_text_file(bpe_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from conftest import SAMPLE
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+    text = (SAMPLE / "train").glob("*.txt")
+    lines = [line.strip() for path in sorted(text) for line in open(path, encoding="utf-8") if line.strip()]
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)]
+    ids = [x for x in ids if x]
+    for block_size in (64, 128):
+        expected = ancestor_equivalent(ids, block_size)
+        blocks, offsets, stats = pack_full_sentences(*flat(ids), block_size, BOS, EOS, SEP, "skip")
+        got = as_lists(blocks, offsets)
+        assert got == expected and stats.skipped > 0
+        # the old behaviour (drop the line, keep filling the open block) gave fewer blocks than the ancestor
+        assert len(got) > len(reference_concat_keep_filling(ids, block_size))
+
+
+def reference_concat_keep_filling(sentences, block_size):
+    return reference_concat([s for s in sentences if len(s) <= block_size - 2], block_size, "split")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ds_mlm.data.store import (DATA, HEADER_BYTES, INDEX, StaleCacheError, StoreWriter, open_store,
-                               remove_dead_leftovers, store_dtype)
+from ds_mlm.data.store import (DATA, HEADER_BYTES, INDEX, DamagedStore, StaleCacheError, StoreWriter, file_crc32,
+                               open_store, remove_dead_leftovers, store_dtype)
 from ds_mlm.errors import UserError
 
 FINGERPRINT = "ab" * 32
@@ -79,11 +79,11 @@ def test_the_dataloader_reads_batches_through_getitems(tmp_path):
 def rewrite_header(path, **changes):
     index = path / INDEX
     raw = bytearray(index.read_bytes())
-    fields = dict(zip(("magic", "version", "itemsize", "n_samples", "n_tokens", "fingerprint"),
-                      struct.unpack_from("<8sIIQQ64s", raw)))
+    fields = dict(zip(("magic", "version", "itemsize", "n_samples", "n_tokens", "fingerprint", "data_crc",
+                       "offsets_crc"), struct.unpack_from("<8sIIQQ64sII", raw)))
     fields.update(changes)
-    raw[:96] = struct.pack("<8sIIQQ64s", *fields.values())
-    raw[96:100] = struct.pack("<I", zlib.crc32(bytes(raw[:96])))
+    raw[:104] = struct.pack("<8sIIQQ64sII", *fields.values())
+    raw[104:108] = struct.pack("<I", zlib.crc32(bytes(raw[:104])))
     index.write_bytes(bytes(raw))
 
 
@@ -94,7 +94,8 @@ def rewrite_header(path, **changes):
     (lambda p: (p / INDEX).write_bytes(b"X" + (p / INDEX).read_bytes()[1:]), "bad magic"),
     (lambda p: (p / INDEX).write_bytes((p / INDEX).read_bytes()[:20] + b"\x07" + (p / INDEX).read_bytes()[21:]),
      "damaged"),
-    (lambda p: rewrite_header(p, version=2), "format version 2"),
+    (lambda p: rewrite_header(p, version=1), "format version 1, this ds-mlm reads 2"),
+    (lambda p: rewrite_header(p, version=3), "format version 3"),
     (lambda p: rewrite_header(p, itemsize=3), "id width"),
     (lambda p: rewrite_header(p, n_tokens=3), "sizes do not match"),
     (lambda p: (p / DATA).write_bytes((p / DATA).read_bytes()[:-2]), "sizes do not match"),
@@ -147,3 +148,27 @@ def test_leftovers_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):
     remove_dead_leftovers(str(tmp_path / "s"))
     assert sorted(os.listdir(tmp_path)) == sorted([f"s.tmp-{host}-{os.getpid()}",
                                                    f"s.tmp-otherhost-{dead.stdout.strip()}", "t.tmp-x"])
+
+
+def test_the_header_records_the_checksums_of_the_data_and_verify_catches_flipped_bytes(tmp_path):
+    rng = np.random.default_rng(7)
+    chunks = [random_blocks(rng, 400, 2000) for _ in range(3)]
+    write_store(tmp_path / "s", np.uint16, chunks)
+    store = open_store(str(tmp_path / "s"))
+    assert store.data_crc32 == zlib.crc32((tmp_path / "s" / DATA).read_bytes())
+    assert store.offsets_crc32 == zlib.crc32((tmp_path / "s" / INDEX).read_bytes()[HEADER_BYTES:])
+    assert file_crc32(str(tmp_path / "s" / DATA)) == store.data_crc32
+    store.verify()
+    data = bytearray((tmp_path / "s" / DATA).read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0x01 for b in data[middle:middle + 4096])  # ids stay in the vocabulary
+    (tmp_path / "s" / DATA).write_bytes(bytes(data))
+    damaged = open_store(str(tmp_path / "s"))  # opening stays cheap: sizes and header only
+    with pytest.raises(DamagedStore, match=r"s/data.bin: the token data are damaged \(crc32 [0-9a-f]{8}, written as"):
+        damaged.verify()
+    write_store(tmp_path / "t", np.uint16, chunks)
+    index = bytearray((tmp_path / "t" / INDEX).read_bytes())
+    index[HEADER_BYTES + 8 * 600] ^= 0x04  # a middle offset: the spans stay inside data.bin
+    (tmp_path / "t" / INDEX).write_bytes(bytes(index))
+    with pytest.raises(DamagedStore, match="t/data.idx: the token data are damaged"):
+        open_store(str(tmp_path / "t")).verify()

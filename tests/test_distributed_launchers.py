@@ -51,7 +51,7 @@ def dying_build(*args, **kwargs):
 
 metrics.Window.summary = spy
 if os.environ.get("DIE_IN_BUILD") and os.environ["RANK"] == "0":
-    prepare.ensure_store = dying_build
+    prepare.build_shards = dying_build  # rank 0's share of the shards
 run_mlm.cli_main()
 '''
 
@@ -119,7 +119,7 @@ def test_two_nodes_with_node_local_caches_train_as_one_world(tmp_path, bpe_token
     assert "x 2 processes" in logs[0]
     for node in (0, 1):  # each node built its own cache, once
         assert logs[node].count("train: built") == logs[node].count(f"rank {node}: train: built") == 1
-        assert (tmp_path / f"cache-node{node}" / "train" / "data.idx").is_file()
+        assert (tmp_path / f"cache-node{node}" / "train" / "manifest.json").is_file()
     rank0, rank1 = spied_losses(tmp_path)
     assert len(rank0) == 4 and rank0 == rank1  # one world: every logged loss is the mean over both ranks
     assert no_shm_leak(port)

@@ -98,7 +98,7 @@ def test_dataset_only_build_runs_one_process_and_trains_nothing(tmp_path, bpe_to
     proc = launch(job_env(tmp_path, bpe_tokenizer_dir, small_corpus, BUILD_DATASET_ONLY="1"))
     assert "launch.sh: running:" in proc.stdout and "-m ds_mlm.run_mlm" in proc.stdout
     assert "--build_dataset_only" in proc.stdout and "deepspeed.launcher" not in proc.stdout
-    assert "train: built" in proc.stdout and (tmp_path / "cache" / "train" / "data.idx").is_file()
+    assert "train: built" in proc.stdout and (tmp_path / "cache" / "train" / "manifest.json").is_file()
     assert not (tmp_path / "out").exists()  # nothing was trained
 
 

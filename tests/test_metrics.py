@@ -80,8 +80,8 @@ def test_other_ranks_write_nothing(tmp_path):
 def test_sources_get_their_own_curves(tmp_path):
     w = MetricsWriter(str(tmp_path / "out"), str(tmp_path / "runs"), rank=0)
     w.write({"step": 3, "loss": 1.0, "samples_by_source": {"news": 10, "web": 6}})
-    w.write({"step": 3, "eval_loss": 2.0, "perplexity": 7.4,
-             "eval_by_source": {"news": {"eval_loss": 1.5, "perplexity": 4.5}, "web": {"eval_loss": 2.5, "perplexity": 12.2}}})
+    w.write({"step": 3, "eval_loss": 2.0, "perplexity": 7.4, "eval_loss/news": 1.5, "perplexity/news": 4.5,
+             "eval_loss/web": 2.5, "perplexity/web": 12.2})
     w.close()
     scalars = read_scalars(tmp_path / "runs")
     assert scalars["data/samples/news"] == [(3, 10.0)] and scalars["eval/web/loss"] == [(3, 2.5)]

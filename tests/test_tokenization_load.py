@@ -3,6 +3,7 @@ saved directory loading without ds-mlm (trust_remote_code) or any network."""
 
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -78,11 +79,17 @@ def test_auto_loads_a_bare_ancestor_directory_by_its_vocabulary_file(newmm_dir):
     assert tok("ข่าว วันนี้")["input_ids"] == [0, 7, 8, 2]  # without the flag a space only separates words
 
 
-def test_auto_loads_an_hf_directory_fast_and_refuses_the_space_token(bpe_tokenizer_dir):
+def test_auto_loads_an_hf_directory_fast_and_ignores_the_space_token_with_one_warning(bpe_tokenizer_dir, caplog):
     tok = load_tokenizer(bpe_tokenizer_dir)
     assert tok.is_fast and tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
     assert tok.decode(tok("The school was there.")["input_ids"], skip_special_tokens=True) == "The school was there."
-    assert "--add_space_token" in _one_line_error(lambda: load_tokenizer(bpe_tokenizer_dir, add_space_token=True))
+    with caplog.at_level(logging.WARNING, logger="ds_mlm.tokenization"):
+        flagged = load_tokenizer(bpe_tokenizer_dir, add_space_token=True)  # the ancestor's command carries the flag
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("--add_space_token has no effect on ") and "ignored" in warnings[0]
+    text = "ข่าว วันนี้ The school"
+    assert flagged(text)["input_ids"] == tok(text)["input_ids"]  # no effect at all
 
 
 def test_an_ancestor_sentencepiece_model_is_shifted_to_ids_0_to_4(ancestor_spm_dir, tmp_path):

@@ -1,40 +1,48 @@
-"""Building a token store: read, tokenize in worker processes, pack, write; pipelined, in bounded memory.
+"""Building shards: read, tokenize in worker processes, pack, write; pipelined, in bounded memory, resumable.
 
-    main process:  read chunk k+m ──► submit ─┐        ┌─► pack chunk k (numba) ──► append to data.bin/data.idx
+    main process:  read chunk k+m ──► submit ─┐        ┌─► pack chunk k (numba) ──► append to its shard's store
     workers:                                  └─ tokenize chunks k..k+m (in parallel) ─┘
 
-The main process reads files in binary blocks (text.py) and cuts them into chunks of `chunk_size` lines (or
-CHUNK_CHARS characters of text, whichever comes first), submits each chunk to a pool of `num_workers` processes,
-and consumes results in submission order, so the store is the same for any number of workers. At most
-2 * num_workers + 2 chunks are in flight (`Pool.imap` would read the whole corpus ahead), so memory follows the
-chunk size, not the corpus. Workers inherit the tokenizer through fork (a module global set before the pool
-starts) and return ids as two flat numpy arrays. Packing is streaming-exact (packing.py), so chunk boundaries
-never change the store either.
+`build_shards` builds a list of shards in one pipeline: the main process reads their files in binary blocks
+(text.py, formats.py) and cuts them into chunks of `chunk_size` lines (or CHUNK_CHARS characters, or a share of a
+small shard, whichever comes first), worker processes tokenize them (workers.py: results in submission order, so a shard is the same for any
+number of workers), and each shard is packed on its own (blocks never straddle two input files or pieces; packing
+is streaming-exact, so chunk boundaries never change a byte) and published atomically the moment its last chunk is
+packed. At most 2 * num_workers + 2 chunks are in flight, so memory follows the chunk size, not the corpus. A build
+that is killed keeps every shard it finished: the next one builds only the others (`ensure_dataset`).
+
+`ensure_dataset` makes a dataset (manifest.py) match its plan (plan.py) in one process: reuse the shards that are
+there and sound, build the missing or damaged ones, write the manifest. prepare.py spreads the same steps over
+the processes of a job.
 """
 
 import collections
 import itertools
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
+from ds_mlm.data import manifest as layout
 from ds_mlm.data.packing import CONCAT, Packer, PackStats
-from ds_mlm.data.spec import DatasetSpec, encode_lines, separator_id, special_ids
-from ds_mlm.data.store import StaleCacheError, StoreWriter, open_store, remove_dead_leftovers, store_dtype
+from ds_mlm.data.plan import DatasetPlan, ShardPlan
+from ds_mlm.data.spec import encode_lines, separator_id, special_ids
+from ds_mlm.data.store import StaleCacheError, StoreWriter, TokenStore
 from ds_mlm.data.text import LineReader, ReadStats
+from ds_mlm.data.workers import OrderedPool, WorkerDied
 from ds_mlm.errors import UserError
+
+# verify.py is also a command (python -m ds_mlm.data.verify): imported where used, so that running it does not find
+# it imported already by this package (runpy's warning)
 
 log = logging.getLogger(__name__)
 CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1 MiB each would not fit in memory
+MIN_CHUNK_CHARS = 64 << 10  # ... or after ~1/(8 x workers) of a small shard (bytes / chars), so every worker gets parts
 
 _TOKENIZER = None  # set before the pool forks: workers inherit the tokenizer instead of unpickling it
 
@@ -44,9 +52,9 @@ class BuildReport:
     """What a build read, repaired, packed and wrote; `format()` is the summary logged after a build."""
 
     path: str
-    """The store written."""
+    """The dataset written."""
     files: List[str]
-    """The text files read, in order."""
+    """The input files read, in order."""
     read: ReadStats
     """Counts of reading and cleaning the text (text.py)."""
     pack: PackStats
@@ -57,6 +65,10 @@ class BuildReport:
     """Tokenizer processes used."""
     seconds: float
     """Wall time of the build."""
+    built: List[str] = field(default_factory=list)
+    """Names of the shards built."""
+    reused: int = 0
+    """Shards that were already there and sound."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -70,19 +82,19 @@ class BuildReport:
     def format(self) -> str:
         r, p = self.read, self.pack
         return "\n".join([
-            f"token store {self.path}: {r.files} file(s), {r.bytes / 2**20:,.1f} MiB in {self.seconds:.1f} s "
-            f"({self.tokens_per_second:,.0f} tokens/s, {self.workers} worker(s))",
+            f"token dataset {self.path}: {len(self.built)} shard(s) built from {r.files} file(s), {self.reused} "
+            f"reused; {r.bytes / 2**20:,.1f} MiB of text in {self.seconds:.1f} s ({self.tokens_per_second:,.0f} "
+            f"tokens/s, {self.workers} worker(s))",
             f"  lines: {r.lines:,} kept, {r.blank_lines:,} blank dropped, {r.boms:,} byte-order marks removed, "
-            f"{r.replaced:,} invalid UTF-8 sequences replaced, {r.long_lines:,} over-long lines cut",
+            f"{r.replaced:,} invalid UTF-8 sequences replaced, {r.long_lines:,} over-long lines cut, "
+            f"{r.controls:,} control characters ({r.nuls:,} NUL) kept, {r.transcoded:,} file(s) decoded from "
+            f"UTF-16/32",
+            f"  records (JSONL/Parquet): {r.records:,} read, {r.bad_records:,} bad skipped",
             f"  sentences: {p.sentences:,} ({p.empty:,} empty after tokenization, ignored), tokens: {p.tokens:,}",
             f"  samples: {p.blocks:,} of at most {self.block_size} ids, mean fill {self.mean_fill:.1%}",
             f"  longer than a sample: {p.split:,} split, {p.skipped:,} skipped, {p.truncated:,} truncated "
             f"({p.dropped_tokens:,} tokens lost)",
         ])
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already: no Rust threads on top
 
 
 def _tokenize(lines: List[str], vocab_size: int, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
@@ -97,117 +109,197 @@ def _tokenize(lines: List[str], vocab_size: int, dtype: np.dtype) -> Tuple[np.nd
     return tokens.astype(dtype), offsets
 
 
-def _chunks(files: List[str], chunk_size: int, totals: ReadStats) -> Iterator[Tuple[List[str], int]]:
-    """(lines, bytes of file they came from) chunk after chunk; warns about dirty or empty files as it goes."""
-    for path in files:
-        reader = LineReader(path)
+def _warn_dirt(path: str, stats: ReadStats) -> None:
+    if stats.replaced:
+        log.warning("%s: %d invalid UTF-8 sequence(s) replaced with U+FFFD (the file is not clean UTF-8)",
+                    path, stats.replaced)
+    if stats.controls:
+        hint = " (UTF-16 without a byte-order mark?)" if stats.nuls * 8 > stats.bytes else ""
+        log.warning("%s: %d control character(s), %d of them NUL, kept in the text%s", path, stats.controls,
+                    stats.nuls, hint)
+    if stats.lines == 0:
+        log.warning("%s: no text (empty, or only blank lines): it adds no sample", path)
+
+
+def _chunks(shards: Sequence[ShardPlan], chunk_size: int, text_field: str, totals: ReadStats, workers: int):
+    """("chunk", k, lines, file bytes) for shard k's chunks, then ("end", k, None, 0), shard after shard."""
+    for k, shard in enumerate(shards):
+        reader = LineReader(shard.file, text_field=text_field, byte_range=shard.byte_range)
         buffer, buffered_chars, consumed = [], 0, 0
-        for lines, block_bytes in _readable(reader):
+        most = max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, shard.input_bytes // (8 * workers)))  # never changes a byte
+        for lines, block_bytes in reader:
             buffer.extend(lines)
             buffered_chars += sum(map(len, lines))
             consumed += block_bytes
-            while len(buffer) >= chunk_size or (buffer and buffered_chars >= CHUNK_CHARS):
+            while len(buffer) >= chunk_size or (buffer and buffered_chars >= most):
                 chunk, buffer = buffer[:chunk_size], buffer[chunk_size:]
                 buffered_chars = sum(map(len, buffer))
-                yield chunk, consumed
+                yield "chunk", k, chunk, consumed
                 consumed = 0
         if buffer or consumed:
-            yield buffer, consumed
-        stats = reader.stats
-        if stats.replaced:
-            log.warning("%s: %d invalid UTF-8 sequence(s) replaced with U+FFFD (the file is not clean UTF-8)",
-                        path, stats.replaced)
-        if stats.lines == 0:
-            log.warning("%s: no text (empty, or only blank lines): it adds no sample", path)
-        totals += stats
+            yield "chunk", k, buffer, consumed
+        if shard.piece == 0 or shard.byte_range is None:
+            reader.stats.files = 1
+        else:
+            reader.stats.files = 0  # a later piece of a file already counted
+        _warn_dirt(shard.file if shard.byte_range is None else f"{shard.file} (piece {shard.piece})", reader.stats)
+        totals += reader.stats
+        yield "end", k, None, 0
 
 
-def _readable(reader: LineReader):
-    """The reader's blocks, with a file that cannot be read (removed, unreadable) as a UserError naming it."""
-    try:
-        yield from reader
-    except OSError as e:
-        raise UserError(f"{reader.path}: cannot read it ({e.strerror}): check the file and its permissions") from None
-
-
-def build_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None, chunk_size: int = 2500,
-                fingerprint: Optional[str] = None) -> BuildReport:
-    """Build the store of `spec` at `path` (replacing whatever is there once complete); see the module docstring."""
+def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], tokenizer,
+                 num_workers: Optional[int] = None, chunk_size: int = 2500,
+                 beat: Optional[Callable[[], None]] = None) -> BuildReport:
+    """Build `shards` (of `plan`) into `dataset`/shards/, each published as soon as it is complete."""
     global _TOKENIZER
-    tokenizer, started = spec.tokenizer, time.perf_counter()
+    options, started = plan.options, time.perf_counter()
     workers = num_workers or len(os.sched_getaffinity(0))
-    dtype = store_dtype(len(tokenizer))
     bos, eos = special_ids(tokenizer)
-    sep = separator_id(tokenizer) if spec.datasets_type == CONCAT else eos
-    packer = Packer(spec.datasets_type, spec.block_size, bos, eos, sep, spec.long_sentence, dtype)
-    read = ReadStats()
-    progress = tqdm(total=sum(os.path.getsize(p) for p in spec.files), unit="B", unit_scale=True, file=sys.stderr,
-                    desc=f"tokenizing {os.path.basename(path)}", mininterval=1.0)
+    sep = separator_id(tokenizer) if options.datasets_type == CONCAT else eos
+    read, pack, built = ReadStats(), PackStats(), []
+    progress = tqdm(total=sum(s.input_bytes for s in shards), unit="B", unit_scale=True, file=sys.stderr,
+                    desc=f"tokenizing {os.path.basename(dataset)}", mininterval=1.0, disable=not shards)
+    state: Dict[str, object] = {"k": None, "packer": None, "writer": None}
     _TOKENIZER = tokenizer
     try:
-        # An executor, not a Pool: a worker that dies (the OOM killer) breaks it, where a Pool would wait forever
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_init_worker) as pool, \
-                StoreWriter(path, dtype, fingerprint or spec.fingerprint()) as writer:
+        with OrderedPool(_tokenize, workers) as pool:
             in_flight = collections.deque()
 
+            def open_shard(k):
+                if state["k"] != k:
+                    state["k"] = k
+                    state["packer"] = Packer(options.datasets_type, options.block_size, bos, eos, sep,
+                                             options.long_sentence, plan.dtype)
+                    state["writer"] = StoreWriter(layout.shard_path(dataset, shards[k].name), plan.dtype,
+                                                  shards[k].fingerprint)
+                return state["packer"], state["writer"]
+
             def write_oldest():
-                result, nbytes = in_flight.popleft()
+                kind, k, nbytes = in_flight.popleft()
+                packer, writer = open_shard(k)
+                if kind == "end":
+                    writer.append(*packer.finish())
+                    writer.commit()
+                    built.append(shards[k].name)
+                    for f in pack.__dataclass_fields__:
+                        setattr(pack, f, getattr(pack, f) + getattr(packer.stats, f))
+                    state["writer"] = None
+                    return
                 try:
-                    ids = result.result()
-                except BrokenProcessPool:
-                    raise UserError(f"a tokenizer process died while building {path} (killed, or out of memory?): "
-                                    "lower --preprocessing_num_workers or --tokenize_chunksize and run again; "
-                                    "nothing was kept") from None
+                    ids = pool.next(idle=beat)
+                except WorkerDied:
+                    raise UserError(f"a tokenizer process died while building {dataset} (killed, or out of memory?): "
+                                    "lower --preprocessing_num_workers or --tokenize_chunksize and run again; the "
+                                    f"{len(built)} shard(s) finished are kept") from None
                 writer.append(*packer.feed(*ids))
                 progress.update(nbytes)
-                progress.set_postfix_str(f"{packer.stats.tokens / (time.perf_counter() - started):,.0f} tokens/s",
-                                         refresh=False)
+                progress.set_postfix_str(f"{pack.tokens + packer.stats.tokens:,} tokens", refresh=False)
+                if beat is not None:
+                    beat()
 
-            for lines, nbytes in _chunks(spec.files, chunk_size, read):
-                in_flight.append((pool.submit(_tokenize, lines, len(tokenizer), dtype), nbytes))
-                if len(in_flight) >= 2 * workers + 2:
+            for kind, k, lines, nbytes in _chunks(shards, chunk_size, options.text_field, read, workers):
+                if kind == "chunk":
+                    pool.submit((lines, plan.vocab_size, plan.dtype))
+                in_flight.append((kind, k, nbytes))
+                while pool.in_flight >= 2 * workers + 2:
                     write_oldest()
             while in_flight:
                 write_oldest()
-            writer.append(*packer.finish())
-            stats = packer.stats
-            if stats.blocks == 0:
-                raise UserError(f"no sample from {_describe(spec.files)} (no text, or every line longer than a "
-                                f"sample with --long_sentence {spec.long_sentence}): add text to them")
-            writer.commit()
     finally:
         _TOKENIZER = None
         progress.close()
-    if stats.skipped:
+        if state["writer"] is not None:  # an error, a signal: the unfinished shard goes, the finished ones stay
+            state["writer"].abort()
+    if pack.skipped:
         log.warning("%d sentence(s) longer than %d ids skipped (%d tokens lost): --long_sentence split keeps them",
-                    stats.skipped, spec.block_size - 2, stats.dropped_tokens)
-    return BuildReport(path=path, files=list(spec.files), read=read, pack=stats, block_size=spec.block_size,
-                       workers=workers, seconds=time.perf_counter() - started)
+                    pack.skipped, options.block_size - 2, pack.dropped_tokens)
+    return BuildReport(path=dataset, files=sorted({s.file for s in shards}), read=read, pack=pack,
+                       block_size=options.block_size, workers=workers, seconds=time.perf_counter() - started,
+                       built=built)
 
 
-def _describe(files: List[str]) -> str:
-    return files[0] if len(files) == 1 else f"the {len(files)} files {files[0]} ... {files[-1]}"
+def present_shards(plan: DatasetPlan, dataset: str, verify: str = "once") -> List[str]:
+    """Names of the plan's shards that are in `dataset`, complete, of the right fingerprint and (as `verify` says)
+    match their checksums; a damaged one is one warning line, and is left out (so it is built again)."""
+    present = []
+    for shard in plan.shards:
+        try:
+            TokenStore(layout.shard_path(dataset, shard.name), expect_fingerprint=shard.fingerprint)
+            present.append(shard.name)
+        except StaleCacheError:
+            continue
+    from ds_mlm.data.verify import check_shards
+
+    for name, why in check_shards(dataset, present, verify):
+        log.warning("%s: rebuilding this shard", why)
+        present.remove(name)
+    return present
 
 
-def ensure_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None, chunk_size: int = 2500,
-                 overwrite: bool = False, fingerprint: Optional[str] = None) -> Optional[BuildReport]:
-    """Build the store at `path` when it is missing, stale or `overwrite`; None when the existing one matched.
+def check_built(dataset: str, names: Sequence[str]) -> None:
+    """Read back the shards just built against their checksums (and remember it for this host)."""
+    from ds_mlm.data.verify import check_shards
 
-    `fingerprint`: spec.fingerprint() when the caller has it already (hashing the inputs twice costs time, and a file
-    changing in between would give the store another fingerprint than the caller checks for)."""
+    damaged = check_shards(dataset, names, "always")
+    if damaged:
+        raise UserError(f"{damaged[0][1]}, right after it was written: the disk or file system of "
+                        f"--datasets_cache_dir loses data; check it, or choose another --datasets_cache_dir")
+
+
+def shard_counts(plan: DatasetPlan, dataset: str) -> dict:
+    """{name: (samples, tokens, data_crc32)} of every shard of the plan, from their headers (all must be there)."""
+    counts = {}
+    for shard in plan.shards:
+        store = TokenStore(layout.shard_path(dataset, shard.name), expect_fingerprint=shard.fingerprint)
+        counts[shard.name] = (len(store), store.num_tokens, store.data_crc32)
+    return counts
+
+
+def no_samples_error(plan: DatasetPlan, counts: dict, flag: str) -> Optional[UserError]:
+    """A UserError naming each source that holds no sample at all, or None."""
+    empty = [s.name for s in plan.sources if not sum(counts[sh.name][0] for sh in s.shards)]
+    if not empty:
+        return None
+    return UserError(f"no sample from {flag} {', '.join(empty)} (no text, or every line longer than a sample with "
+                     f"--long_sentence {plan.options.long_sentence}): add text to it")
+
+
+def manifest_is_current(plan: DatasetPlan, dataset: str, present: Sequence[str], verify: str = "once") -> bool:
+    """The manifest there is the plan's, every shard it names is `present` (sound), and so is its index."""
+    manifest = layout.read_manifest(dataset)
+    if manifest is None or manifest.get("fingerprint") != plan.fingerprint or len(present) != len(plan.shards):
+        return False
+    from ds_mlm.data.verify import check_index
+
+    why = check_index(dataset, manifest, verify)
+    if why:
+        log.warning("%s: writing it again", why)
+    return why is None
+
+
+def ensure_dataset(plan: DatasetPlan, dataset: str, tokenizer, num_workers: Optional[int] = None,
+                   chunk_size: int = 2500, overwrite: bool = False, verify: str = "once",
+                   flag: str = "the input") -> Optional[BuildReport]:
+    """Make the dataset at `dataset` match `plan` in this process; None when it already did."""
     if chunk_size < 1:
         raise UserError(f"chunk size {chunk_size} must be at least 1 line (--tokenize_chunksize)")
     if num_workers is not None and num_workers < 1:
         raise UserError(f"{num_workers} workers: use at least 1 (--preprocessing_num_workers)")
-    remove_dead_leftovers(path)
-    fingerprint = fingerprint or spec.fingerprint()
-    if overwrite:
-        log.info("%s: rebuilding the token store (overwrite asked)", path)
-    else:
-        try:
-            open_store(path, expect_fingerprint=fingerprint)
-            return None
-        except StaleCacheError as e:
-            log.info("%s; building it", e)
-    return build_store(spec, path, num_workers, chunk_size, fingerprint)
+    older = layout.check_replaceable(dataset)
+    if older:
+        log.info("%s: %s; building it again as one shard per input file (format 2)", dataset, older)
+    layout.remove_leftovers(dataset)
+    present = [] if overwrite else present_shards(plan, dataset, verify)
+    if not overwrite and manifest_is_current(plan, dataset, present, verify):
+        return None
+    missing = list({s.name: s for s in plan.shards if s.name not in present}.values())  # a file in 2 sources: once
+    os.makedirs(os.path.join(dataset, layout.SHARDS), exist_ok=True)
+    report = build_shards(plan, dataset, missing, tokenizer, num_workers, chunk_size)
+    check_built(dataset, report.built)
+    report.reused = len(present)
+    counts = shard_counts(plan, dataset)
+    error = no_samples_error(plan, counts, flag)
+    if error:
+        raise error
+    layout.finalize(plan, dataset, counts)
+    return report

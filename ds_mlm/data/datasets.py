@@ -1,28 +1,93 @@
-"""The dataset classes of thai2transformers, by name and positional signature, over ds-mlm's token stores.
+"""A source's files as one dataset (`DatasetSpec`, `ensure_store`, `open_store`), and the dataset classes of
+thai2transformers, by name and positional signature, over ds-mlm's sharded token datasets.
 
 Old code keeps working: `MemmapConcatFullSentenceTextDataset(tokenizer, file_path, block_size, datasets_cache_dir,
-chunk_size, overwrite_cache)` builds (or reuses, when its inputs are unchanged) a token store in
-`datasets_cache_dir` and is that store. `file_path` may be one file or a list of files (the ancestor read one).
-Without `datasets_cache_dir`, the store goes to `.ds_mlm_cache/` beside the first file.
+chunk_size, overwrite_cache)` builds (or reuses, when its inputs are unchanged) a token dataset in
+`datasets_cache_dir` and is that dataset. `file_path` may be one file or a list of files (the ancestor read one).
+Without `datasets_cache_dir`, the dataset goes to `.ds_mlm_cache/` beside the first file.
 """
 
 import bisect
 import os
-from typing import List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ds_mlm.data.build import BuildReport, ensure_store
+from ds_mlm.data.build import BuildReport, ensure_dataset
+from ds_mlm.data.manifest import MANIFEST, ShardedStore, known_identities, read_manifest
 from ds_mlm.data.packing import CONCAT, LINE_BY_LINE
-from ds_mlm.data.spec import DatasetSpec
+from ds_mlm.data.plan import PIECE_BYTES, BuildOptions, DatasetPlan, plan_dataset
 from ds_mlm.data.store import TokenStore
+from ds_mlm.errors import UserError
 
 PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
-class _BuiltStore(TokenStore):
-    """A token store built (or reused, when its inputs are unchanged) when the dataset is constructed."""
+@dataclass
+class DatasetSpec:
+    """The files of one source and how to build them; `plan()` and `fingerprint()` identify the dataset."""
+
+    files: Sequence[str]
+    """The input files, read in this order (list_text_files sorts them)."""
+    tokenizer: Any
+    """The tokenizer (see spec.py for what it must offer)."""
+    block_size: int
+    """Ids per sample at most, <s> and </s> included (--max_seq_length)."""
+    datasets_type: str = CONCAT
+    """MemmapConcatFullSentenceTextDataset (sentences packed into blocks) or MemmapLineByLineTextDataset."""
+    long_sentence: str = "split"
+    """A sentence longer than a block: split (nothing lost), skip (the ancestor) or truncate."""
+    text_field: str = "text"
+    """The field of JSONL and Parquet records that holds the text."""
+    piece_bytes: int = PIECE_BYTES
+    """Plain text files larger than this are built as several shards."""
+
+    def __post_init__(self):
+        self.files = [os.fspath(p) for p in ([self.files] if isinstance(self.files, (str, os.PathLike))
+                                             else self.files)]
+        if not self.files:
+            raise UserError("no input text file given: add *.txt files to the data directory")
+        for path in self.files:
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: no such file; give existing text files")
+        self.options = BuildOptions(self.block_size, self.datasets_type, self.long_sentence, self.text_field,
+                                    self.piece_bytes)
+
+    def plan(self, known: Optional[dict] = None) -> DatasetPlan:
+        """One source, named after the directory of the first file."""
+        return plan_dataset([(os.path.dirname(os.path.abspath(self.files[0])), self.files)], self.tokenizer,
+                            self.options, known)
+
+    def fingerprint(self) -> str:
+        return self.plan().fingerprint
+
+
+def ensure_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None, chunk_size: int = 2500,
+                 overwrite: bool = False, fingerprint: Optional[str] = None,
+                 verify: str = "once") -> Optional[BuildReport]:
+    """Build the dataset of `spec` at `path` where it is missing, stale, damaged or `overwrite`; only the shards
+    that need it are tokenized. None when the dataset there matched. (`fingerprint` is accepted for old callers.)"""
+    plan = spec.plan(known_identities(read_manifest(path)))
+    return ensure_dataset(plan, path, spec.tokenizer, num_workers, chunk_size, overwrite, verify)
+
+
+def build_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None, chunk_size: int = 2500,
+                fingerprint: Optional[str] = None) -> BuildReport:
+    """Build every shard of `spec` at `path` again (benchmarks; runs use ensure_store)."""
+    return ensure_store(spec, path, num_workers, chunk_size, overwrite=True)
+
+
+def open_store(path: str, expect_fingerprint: Optional[str] = None):
+    """The dataset at `path` (a ShardedStore), or the single store there (a TokenStore: one shard)."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return ShardedStore(path, expect_fingerprint)
+    return TokenStore(path, expect_fingerprint)
+
+
+class _BuiltStore(ShardedStore):
+    """A token dataset built (or reused, when its inputs are unchanged) when the dataset is constructed."""
 
     datasets_type: str
 
@@ -31,15 +96,18 @@ class _BuiltStore(TokenStore):
                  num_workers: Optional[int] = None):
         spec = DatasetSpec(files=file_path, tokenizer=tokenizer, block_size=block_size,
                            datasets_type=self.datasets_type, long_sentence=long_sentence)
-        if datasets_cache_dir is None:  # beside the first file, one store per type and block size
+        if datasets_cache_dir is None:  # beside the first file, one dataset per type and block size
             first = os.path.abspath(spec.files[0])
             datasets_cache_dir = os.path.join(os.path.dirname(first), ".ds_mlm_cache",
                                               f"{os.path.basename(first)}.{self.datasets_type}.{block_size}")
         os.makedirs(os.path.dirname(os.path.abspath(datasets_cache_dir)), exist_ok=True)
-        # The build's report, or None when an up-to-date store was reused.
+        # The build's report, or None when an up-to-date dataset was reused.
         self.report: Optional[BuildReport] = ensure_store(spec, datasets_cache_dir, num_workers, chunk_size,
                                                           overwrite_cache)
         super().__init__(datasets_cache_dir)
+
+    def __setstate__(self, state):
+        ShardedStore.__setstate__(self, state)  # not a subclass's builder
 
 
 class MemmapConcatFullSentenceTextDataset(_BuiltStore):

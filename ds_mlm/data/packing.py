@@ -12,8 +12,9 @@ filled greedily in order: a sentence (with one SEP before it, unless it opens th
 stays within `usable` ids, otherwise the block is closed and the sentence opens the next one. Sentences are kept
 whole. Fixed defects of the ancestor: the last block gets <s> and </s> too, and a sentence longer than `usable` is
 cut into pieces of `usable` ids, each packed as a sentence of its own ("split", the default: nothing is lost), or
-dropped ("skip", the ancestor's behaviour), or cut to its first `usable` ids ("truncate"). Empty sentences are
-ignored (counted).
+dropped ("skip", the ancestor's behaviour, exactly: like its `add_to_block`, the too-long sentence first closes the
+open block, which is written, then is dropped; the next sentence opens a new block), or cut to its first `usable`
+ids ("truncate"). Empty sentences are ignored (counted; the ancestor appended a lone separator for them).
 
 Line by line (`MemmapLineByLineTextDataset`): one sample `<s> s </s>` per sentence; a sentence longer than `usable`
 follows the same policy (split into several samples, skipped, or truncated as the ancestor did).
@@ -124,6 +125,13 @@ def _pack_concat(tokens, offsets, block_size, bos, eos, sep, policy, carry, fina
     for i in range(n):
         a = offsets[i]
         b = _take(a, offsets[i + 1], usable, policy, stats)
+        if a == b and policy == _SKIP and used > 0 and offsets[i + 1] > a:
+            # the ancestor's add_to_block: a line that does not fit closes the open block, THEN is found too long
+            pos = _close(out, pos, out_offsets, nb, block_size, eos, stats)
+            nb += 1
+            out[pos] = bos
+            pos += 1
+            used = 0
         while a < b:  # pieces of at most `usable` ids (one piece unless the sentence is split)
             m = min(usable, b - a)
             if used > 0 and used + 1 + m > usable:

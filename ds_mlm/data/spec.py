@@ -1,26 +1,22 @@
-"""What a token store is built from (`DatasetSpec`), its fingerprint, and how a tokenizer is asked for ids.
+"""Fingerprints of what token data are built from (an input file, a tokenizer), and how a tokenizer is asked for ids.
 
-The fingerprint is a sha256 over everything that changes the store's bytes: the format version, the dataset type,
-block size and long-sentence policy, every input file (absolute path, size, mtime_ns, and a hash of its content),
-and the tokenizer (class, vocabulary, special and added tokens, the Rust backend's full definition when it has
-one, and the ids it gives for a probe text mixing Thai, English, spaces and line breaks). A store whose recorded
-fingerprint differs from the spec's is rebuilt.
+An input file's fingerprint: absolute path, size, mtime_ns, and a sha256 of its content (whole, or windows of a
+large file). A tokenizer's: class, vocabulary, special and added tokens, the Rust backend's full definition when it
+has one, and the ids it gives for a probe text mixing Thai, English, spaces and line breaks. plan.py combines them
+with the build options into each shard's fingerprint; a shard whose recorded fingerprint differs is rebuilt.
 
 The tokenizer protocol: `len(tokenizer)`, `get_vocab()`, `bos_token_id`, `eos_token_id`, and one way to encode a
 batch of lines without special tokens, tried in this order: `batch_encode_ids(lines)` (ds-mlm's own tokenizers),
 the Rust backend of a fast HF tokenizer (`backend_tokenizer.encode_batch_fast`), `tokenizer(lines)["input_ids"]`.
 """
 
-import glob
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, List, Sequence
+from typing import List
 
-from ds_mlm.data.packing import CONCAT, LINE_BY_LINE, POLICIES
-from ds_mlm.data.store import FORMAT_VERSION
+from ds_mlm.data.formats import list_input_files
 from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,19 +32,9 @@ PROBE_LINES = ["สวัสดีครับ ประเทศไทย  2567
                "ข่าวรัฐบาล: นายกรัฐมนตรี 12.5% (ทดสอบ) — “quotes” ‘and’ emoji 🙂"]
 
 
-def list_text_files(directory: str, ext: str, flag: str = "the directory") -> List[str]:
-    """Sorted paths of every *.{ext} file in `directory` (ext with or without its dot); a UserError naming `flag`
-    (e.g. --train_dir) when there is none."""
-    ext = ext.lstrip(".")
-    where = f"{flag} {directory}"
-    if not os.path.exists(directory):
-        raise UserError(f"{where}: no such directory; give the directory of your *.{ext} files")
-    if not os.path.isdir(directory):
-        raise UserError(f"{where} is a file, not a directory: give the directory that holds your *.{ext} files")
-    files = sorted(p for p in glob.glob(os.path.join(glob.escape(directory), f"*.{ext}")) if os.path.isfile(p))
-    if not files:
-        raise UserError(f"{where} holds no *.{ext} file: add text files there, or set --ext to their extension")
-    return files
+def list_text_files(directory: str, ext, flag: str = "the directory") -> List[str]:
+    """Sorted paths of every input file of `directory` with extension(s) `ext`: formats.list_input_files."""
+    return list_input_files(directory, ext, flag)
 
 
 def encode_lines(tokenizer, lines: List[str]) -> List[List[int]]:
@@ -120,44 +106,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "probe": [list(map(int, ids)) for ids in encode_lines(tokenizer, PROBE_LINES)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class DatasetSpec:
-    """Everything a token store is built from; `fingerprint()` identifies it."""
-
-    files: Sequence[str]
-    """The text files, read in this order (list_text_files sorts them)."""
-    tokenizer: Any
-    """The tokenizer (see the module docstring for what it must offer)."""
-    block_size: int
-    """Ids per sample at most, <s> and </s> included (--max_seq_length)."""
-    datasets_type: str = CONCAT
-    """MemmapConcatFullSentenceTextDataset (sentences packed into blocks) or MemmapLineByLineTextDataset."""
-    long_sentence: str = "split"
-    """A sentence longer than a block: split (nothing lost), skip (the ancestor) or truncate."""
-
-    def __post_init__(self):
-        self.files = [os.fspath(p) for p in ([self.files] if isinstance(self.files, (str, os.PathLike))
-                                             else self.files)]
-        if not self.files:
-            raise UserError("no input text file given: add *.txt files to the data directory")
-        for path in self.files:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: no such file; give existing text files")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 3:
-            raise UserError(f"block size {self.block_size!r} cannot hold <s>, one token and </s>: use at least 3 "
-                            "(typically 128 or 512)")
-        if self.datasets_type not in (CONCAT, LINE_BY_LINE):
-            raise UserError(f"unknown datasets type {self.datasets_type!r}: use {CONCAT} or {LINE_BY_LINE}")
-        if self.long_sentence not in POLICIES:
-            raise UserError(f"unknown long-sentence policy {self.long_sentence!r}: use one of {', '.join(POLICIES)}")
-        special_ids(self.tokenizer)
-
-    def fingerprint(self) -> str:
-        """sha256 hex of the format version, the options, every file (as it is now) and the tokenizer."""
-        parts = {"format_version": FORMAT_VERSION, "datasets_type": self.datasets_type,
-                 "block_size": self.block_size, "long_sentence": self.long_sentence,
-                 "files": [file_fingerprint(p) for p in self.files],
-                 "tokenizer": tokenizer_fingerprint(self.tokenizer)}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

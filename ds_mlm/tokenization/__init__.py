@@ -15,7 +15,8 @@ Spaces, with `--add_space_token`: each space becomes the token `<_>` and decodin
                                 spaces to `<_>`; any other model leaves them to SentencePiece (`▁`), which restores
                                 them too
     newmm, syllable, sefr_cut   spaces only separate words and are dropped: decoding joins the words without them
-    other HF tokenizers         they keep spaces themselves; asking for the flag is an error
+    other HF tokenizers         they handle spaces themselves (byte-level BPE keeps them); the flag has no effect
+                                there: one warning line says so, so the ancestor's command runs unchanged
 
 Importing this package registers the classes with AutoTokenizer, so a saved directory loads back with
 `AutoTokenizer.from_pretrained(dir)`; without ds-mlm, `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)`
@@ -23,6 +24,7 @@ loads it from the module files saved beside the vocabulary.
 """
 
 import json
+import logging
 import os
 
 from transformers import AutoTokenizer
@@ -33,6 +35,8 @@ from ds_mlm.errors import UserError
 from .base import SPACE_TOKEN, SPECIAL_TOKENS, RobertaLayoutTokenizer
 from .spm import ThaiRobertaTokenizer
 from .words import FakeSefrCutTokenizer, ThaiWordsNewmmTokenizer, ThaiWordsSyllableTokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_tokenizer", "resolve_type", "TOKENIZER_TYPES", "SPECIAL_TOKENS", "SPACE_TOKEN",
            "RobertaLayoutTokenizer", "ThaiRobertaTokenizer", "ThaiWordsNewmmTokenizer", "ThaiWordsSyllableTokenizer",
@@ -100,7 +104,7 @@ def load_tokenizer(path, tokenizer_type: str = "auto", add_space_token: bool = F
     """Load the tokenizer in directory `path` as `tokenizer_type` (see the module docstring).
 
     `add_space_token=True` turns the space token on for a ds-mlm type (a directory saved with it on keeps it on);
-    tokenizers of other kinds handle spaces themselves, and asking for it there is an error. `use_fast` is passed to
+    tokenizers of other kinds handle spaces themselves: the flag is ignored there, with one warning. `use_fast` is passed to
     AutoTokenizer (transformers 5 always builds the fast, Rust-backed tokenizer when the directory allows one)."""
     cls = resolve_type(tokenizer_type)
     if not path:
@@ -135,7 +139,7 @@ def load_tokenizer(path, tokenizer_type: str = "auto", add_space_token: bool = F
         raise UserError(f"no tokenizer could be loaded from {path} ({_describe(path)}; {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}): give an HF tokenizer directory or one "
                         f"written by ds-mlm-train-tokenizer, or set --tokenizer_type ({_type_names()})") from e
-    if add_space_token:
-        raise UserError(f"--add_space_token applies to the {', '.join(TOKENIZER_TYPES)} tokenizer types, but {path} "
-                        f"holds a {type(tokenizer).__name__}, which keeps spaces itself: drop --add_space_token")
+    if add_space_token:  # the ancestor's command always carries it: it must run unchanged
+        log.warning("--add_space_token has no effect on %s (a %s, which handles spaces itself): ignored; it applies "
+                    "to the %s tokenizer types", path, type(tokenizer).__name__, ", ".join(TOKENIZER_TYPES))
     return tokenizer
