@@ -81,9 +81,11 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
     from transformers import RobertaConfig
 
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import param_groups, resolve_ds_config
+    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.model import RobertaForMLMPretraining, pad_vocab
-    from ds_mlm.trainer import masked_lm_loss
+    from ds_mlm.optim import param_groups
+    from ds_mlm.plan import _deepspeed_dict
+    from ds_mlm.precision import choose, this_device
 
     torch._dynamo.reset()  # a fresh model per variant: no guards or cache entries of the previous one
     torch.manual_seed(0)
@@ -93,8 +95,9 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
     pad_vocab(model, pad)
     args = parse_args(["--train_dir", "/nonexistent", "--output_dir", tempfile.gettempdir(), "--learning_rate",
                        "1e-4", "--per_device_train_batch_size", str(MICRO)])[2]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0),
-                                      config=resolve_ds_config(args, world_size=1))
+    device, ds_json = this_device(), resolve_ds_config(args, world_size=1)
+    ds = _deepspeed_dict(ds_json, choose("bf16", device)[0], device, 1000, "zero2.json")  # as run_mlm's plan makes it
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
     if compile_what == "encoder":  # trainer.py's --torch_compile
         engine.module.roberta.encoder.compile(dynamic=False)
     elif compile_what == "engine":
@@ -106,7 +109,7 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
     for i, batch in enumerate(batches):
         if i == warmup:
             warm, started = time.perf_counter() - started, time.perf_counter()
-        loss_sum, count = masked_lm_loss(engine, batch)
+        loss_sum, count = engine(**batch)
         engine.backward(loss_sum / count.clamp(min=1))
         engine.step()
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[warmup:]) / (time.perf_counter() - started)
@@ -125,17 +128,16 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from deepspeed.accelerator import get_accelerator
 
     from ds_mlm import distributed
-    from ds_mlm.ds_config import bf16_native
+    from ds_mlm.precision import this_device
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ds-mlm-bench-compile-"))
     print(f"load average before: {load_avg()} (2 cores shared; numbers are only comparable within this run)")
     distributed.init()
     tokenizer, batches = tokenizer_and_batches(workdir, args.warmup + args.steps)
-    precision = "bf16" if bf16_native(get_accelerator()) else "fp32 (no native bf16 on this CPU)"
+    precision = "bf16" if this_device().bf16_native else "fp32 (no native bf16 on this CPU)"
     print(f"vocabulary {len(tokenizer):,} ids, micro batch {MICRO} x {SEQ}, zero2.json in {precision}, "
           f"threads {torch.get_num_threads()}, {args.warmup} warm-up + {args.steps} timed steps, torch "
           f"{torch.__version__}")

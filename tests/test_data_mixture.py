@@ -7,7 +7,7 @@ import pytest
 from ds_mlm.data import DatasetSpec, ShardedStore, ensure_store, list_input_files
 from ds_mlm.data.mixture import Mixture
 from ds_mlm.errors import UserError
-from ds_mlm.sampler import ResumableDistributedSampler
+from ds_mlm.sampler import GlobalBatchSampler
 
 from test_data_build import ByteTokenizer
 
@@ -28,14 +28,13 @@ class Numbers:
 def global_batches(mixture, world, micro, steps, seed=7, state=None):
     """The samples of each step's global batch: what every rank read, put together (sorted: order within a batch
     is the ranks' concatenation, the same on any world size by construction)."""
-    samplers = [ResumableDistributedSampler(len(mixture), micro, r, world, seed) for r in range(world)]
+    samplers = [GlobalBatchSampler(len(mixture), micro * world, micro, r, world, seed) for r in range(world)]
     if state is not None:
         for s in samplers:
             s.load_state_dict(state)
-    iters = [iter(s) for s in samplers]
     out = []
     for _ in range(steps):
-        indices = [i for it in iters for i in next(it)[1]]
+        indices = [i for s in samplers for mb in s.next_step()[1] for i in mb]
         out.append(sorted(tuple(x.tolist()) for x in mixture.__getitems__(indices)))
     return out, samplers[0].state_dict()
 
