@@ -19,7 +19,6 @@ import dataclasses
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from transformers import RobertaTokenizer
 from ds_mlm.args import arg
 from ds_mlm.data.spec import list_text_files
 from ds_mlm.data.text import LineReader, ReadStats
+from ds_mlm.data.workers import OrderedPool
 from ds_mlm.errors import UserError, cli
 from ds_mlm.tokenization import (SPACE_TOKEN, SPECIAL_TOKENS, TOKENIZER_TYPES, ThaiRobertaTokenizer,
                                   load_tokenizer)
@@ -145,11 +145,15 @@ def count_words(args: TrainTokenizerArguments) -> collections.Counter:
         for task in tasks:
             total.update(_count_words(task))
         return total
-    with multiprocessing.get_context("fork").Pool(args.num_workers) as pool:
-        # In waves of two blocks per worker: a Pool would otherwise read the whole corpus into its task queue.
-        while wave := list(itertools.islice(tasks, 2 * args.num_workers)):
-            for counts in pool.imap_unordered(_count_words, wave):
-                total.update(counts)
+    # OrderedPool, not multiprocessing.Pool: its workers end with any error or signal, and take SIGTERM whatever
+    # handlers this process has (a Pool's terminate() hangs on a worker that inherited an ignored SIGTERM).
+    with OrderedPool(_count_words, args.num_workers) as pool:
+        for task in tasks:
+            pool.submit((task,))
+            if pool.in_flight == 2 * args.num_workers:  # two blocks per worker ahead: bounded memory
+                total.update(pool.next())
+        while pool.in_flight:
+            total.update(pool.next())
     return total
 
 

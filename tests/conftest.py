@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite: the bundled sample corpus and a small tokenizer built from it (no downloads)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,17 @@ def cpu_mixed_precision() -> str:
 TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib")
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """Each test starts with the process's signal handlers as the suite found them: a run called in-process installs
+    its own (errors.cli, save-on-signal, and SIG_IGN once it has decided to stop), and a later test's forked workers
+    would inherit them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def free_port() -> int:
