@@ -186,6 +186,17 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def leave() -> None:
+    """Leave the process group without waiting for the others: on an error, which the other ranks may not share (a
+    barrier could wait forever), but without exiting with the group alive (which can end the process in C++ with
+    another status than the error's)."""
+    if initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 (leaving anyway; the error being reported is what matters)
+            pass
+
+
 def initialized() -> bool:
     """Is there a process group to talk to?"""
     return torch.distributed.is_available() and torch.distributed.is_initialized()

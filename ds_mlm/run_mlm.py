@@ -178,7 +178,11 @@ def build_dataset(argv=None) -> int:
 
 
 def _command(argv=None) -> int:
-    code = main(argv)
+    try:
+        code = main(argv)
+    except BaseException:
+        distributed.leave()  # the error decides the exit status, not a C++ abort of a group left alive
+        raise
     distributed.shutdown()  # a process about to exit: leave the group cleanly (a library caller keeps it)
     return code
 
