@@ -88,12 +88,21 @@ def test_missing_required_flags():
         parse_args(["--train_dir", "D"])
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    for argv, needle in ((["--max_seq_length", "abc"], "invalid int value"),
-                         (["--save_total_limit", "0"], "save_total_limit"),
-                         (["--no_such_flag", "1"], "unrecognized arguments")):
-        proc = subprocess.run([sys.executable, "-m", "ds_mlm.run_mlm", "--train_dir", "D", "--output_dir",
-                               str(tmp_path), *argv], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert needle in proc.stderr and "Traceback" not in proc.stderr
-        assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    from ds_mlm.run_mlm import cli_main
+
+    cases = ((["--max_seq_length", "abc"], "invalid int value"), (["--save_total_limit", "0"], "save_total_limit"),
+             (["--no_such_flag", "1"], "unrecognized arguments"))
+    for argv, needle in cases[1:]:  # in this process: the cli wrapper's own exit
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["--train_dir", "D", "--output_dir", str(tmp_path), *argv])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, stderr
+        assert needle in stderr and "Traceback" not in stderr
+        assert len([line for line in stderr.splitlines() if "error" in line]) == 1
+    argv, needle = cases[0]  # and once as the real command
+    proc = subprocess.run([sys.executable, "-m", "ds_mlm.run_mlm", "--train_dir", "D", "--output_dir",
+                           str(tmp_path), *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1

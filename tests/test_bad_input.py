@@ -204,16 +204,16 @@ def test_the_real_command_prints_one_line_and_exits_2(tmp_path, earlier_run, sma
     assert tree_digest(earlier_run) == before
 
 
-@pytest.mark.slow
 def test_ext_with_or_without_the_dot(tmp_path, small_corpus, bpe_tokenizer_dir):
     """The ancestor's default `.txt` made the pattern `*..txt`; both spellings read the same files."""
     from ds_mlm.data import open_store
 
+    from ds_mlm.run_mlm import main
+
     stores = []
     for name, ext in (("plain", "txt"), ("dotted", ".txt")):
         out = tmp_path / name
-        run([sys.executable, "-m", "ds_mlm.run_mlm", *good_args(bpe_tokenizer_dir, *small_corpus, out), "--ext", ext,
-             "--build_dataset_only"])
+        assert main([*good_args(bpe_tokenizer_dir, *small_corpus, out), "--ext", ext, "--build_dataset_only"]) == 0
         stores.append(open_store(str(out / "cache" / "train")))
     assert len(stores[0]) > 0
     assert stores[0].fingerprint == stores[1].fingerprint  # the same files, tokenizer and settings
