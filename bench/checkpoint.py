@@ -94,21 +94,15 @@ def worker(config_name: str, out: str, vocab: int, mode: str) -> None:
 
 
 def launch(nproc: int, config_name: str, out: Path, vocab: int, mode: str) -> dict:
+    from ds_mlm.distributed import free_port
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), __file__, "--worker", config_name, str(out), str(vocab), mode]
+           str(free_port()), __file__, "--worker", config_name, str(out), str(vocab), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // nproc)})
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"worker failed: {config_name} {mode} on {nproc}")
     return json.loads((out / f"timings-{mode}.json").read_text())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

@@ -20,7 +20,6 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from build import BENCH_CORPUS, NewmmWords, load_avg  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, corpus: str, cache: str) -> None:
@@ -66,6 +59,8 @@ def worker(rank: int, world: int, port: int, corpus: str, cache: str) -> None:
 
 
 def side(world: int, corpus: Path, cache: Path) -> dict:
+    from ds_mlm.distributed import free_port
+
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port), str(corpus),
                                str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -317,6 +317,7 @@ def memory_worker(workdir: Path, config_name: str, flags: list) -> None:
 
 def bench_memory(workdir):
     results = {}
+    from ds_mlm.distributed import free_port
     from ds_mlm.precision import this_device
 
     setups = [("ZeRO-0 fp32", "zero0.json", ""), ("ZeRO-2 fp32", "zero2.json", "--bf16 false")]
@@ -324,7 +325,7 @@ def bench_memory(workdir):
         setups.append(("ZeRO-2 bf16", "zero2.json", ""))
     for label, config_name, flag in setups:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), __file__, "--memory-worker", str(workdir), config_name, flag]
+               str(free_port()), __file__, "--memory-worker", str(workdir), config_name, flag]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         files = [workdir / f"memory_{config_name}_{'_'.join(flag.split())}_{rank}.json" for rank in (0, 1)]
@@ -368,14 +369,6 @@ def bench_loader_at_gpu_pace(tokenizer, train_ds, steps):
             loader.close()
             print(f"   micro {micro} x {SEQ}, step {step_ms} ms, prefetch {prefetch}: waited {waited * 1e3:.1f} ms of "
                   f"{total:.2f} s = {100 * waited / total:.2f} %")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

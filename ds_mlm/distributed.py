@@ -113,7 +113,8 @@ def env_info() -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), local_world_size=local_world)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (the OS's choice)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -130,7 +131,7 @@ def fill_rendezvous_env() -> None:
         for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             os.environ.setdefault(key, "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         return
     name, rank, world, local, local_world = found
     if world > 1 and "MASTER_ADDR" not in os.environ:
@@ -170,7 +171,7 @@ def init() -> DistInfo:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 raise UserError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is "
                                 f"already in use (another job, or one that has not finished exiting): give another "
-                                f"port, e.g. MASTER_PORT={_free_port()} (launcher: --master_port)") from None
+                                f"port, e.g. MASTER_PORT={free_port()} (launcher: --master_port)") from None
             raise
         finally:
             for sig, handler in handlers.items():
