@@ -64,10 +64,7 @@ class DistInfo:
 
     def all_reduce(self, tensor, op: str = "sum"):
         """In place, over every rank (`op`: sum or max); returns the tensor."""
-        if initialized():
-            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
-            torch.distributed.all_reduce(tensor, op=ops[op])
-        return tensor
+        return all_reduce(tensor, op)
 
     def decide(self, fn, *args, **kwargs):
         """Run `fn` on rank 0 only and give its result to every rank; a UserError it raises is raised on every rank
@@ -215,6 +212,14 @@ def job_store():
     if not initialized():
         return None
     return torch.distributed.distributed_c10d._get_default_store()  # no public accessor in torch 2.13
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """In place, over every rank (`op`: sum or max; nothing to do without a process group); returns the tensor."""
+    if initialized():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(tensor, op=ops[op])
+    return tensor
 
 
 def all_gather_object(obj) -> list:

@@ -42,10 +42,7 @@ LOG_FILE = "train_log.jsonl"
 
 def all_reduce_sum(values: list, device) -> list:
     """Element-wise sum of a list of floats over all ranks (float64, so sums of many losses stay exact enough)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed.initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
+    return distributed.all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def perplexity(loss: float) -> float:
