@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ds_mlm.collator import IGNORE_INDEX
+
 
 @dataclass
 class Step:
@@ -68,7 +70,7 @@ class StepLoader:
         for indices in micro_indices:
             batch = self.collator(self.dataset.__getitems__(indices), indices, epoch)
             tokens += int(batch["attention_mask"].sum())
-            labelled = int((batch["labels"] != -100).sum())
+            labelled = int((batch["labels"] != IGNORE_INDEX).sum())
             masked += labelled
             samples += len(indices)
             shapes.append((*batch["input_ids"].shape, labelled))
