@@ -37,7 +37,7 @@ def apply_hyperparameters(engine, plan) -> None:
     """Put the plan's lr, betas, eps and weight decay into every group (a checkpoint load restored the old ones:
     DeepSpeed loads the optimizer's partitions after the schedule, so even the lr must be set again)."""
     if isinstance(engine.lr_scheduler, Schedule):
-        engine.lr_scheduler.load_state_dict(engine.lr_scheduler.state_dict())  # the plan's lr at the loaded step
+        engine.lr_scheduler.apply()  # the plan's lr at the loaded step
     if plan.optimizer.lower() not in ("adam", "adamw"):
         return
     for group in engine.optimizer.param_groups:
@@ -64,18 +64,19 @@ class Schedule:
     def __init__(self, optimizer, kind: str, peak_lr: float, warmup: int, total: int):
         self.optimizer, self.kind, self.peak_lr, self.warmup, self.total = optimizer, kind, peak_lr, warmup, total
         self.steps = 0
-        self._apply()
+        self.apply()
 
     def lr_at(self, step: int) -> float:
         return self.peak_lr * multiplier(self.kind, step, self.warmup, self.total)
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
+        """Set every group's lr to the schedule's value at the current step."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.steps)
 
     def step(self, *args, **kwargs) -> None:
         self.steps += 1
-        self._apply()
+        self.apply()
 
     def get_last_lr(self) -> list:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -88,7 +89,7 @@ class Schedule:
     def load_state_dict(self, state: dict) -> None:
         # our state, or a torch LambdaLR's (an older ds-mlm checkpoint): the step count only, never its base_lrs
         self.steps = int(state.get("steps", state.get("last_epoch", 0)))
-        self._apply()
+        self.apply()
 
     def describe(self) -> str:
         end = {"linear": f"decays linearly to 0 at step {self.total}",
