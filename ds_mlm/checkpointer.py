@@ -93,6 +93,16 @@ def _files(path: str) -> dict:
     return out
 
 
+def readable_archive(path: str) -> bool:
+    """Does a torch.save file open as the zip archive it is? (Reads its directory, at the file's end: a file cut short
+    has none.)"""
+    try:
+        zipfile.ZipFile(path).close()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return True
+
+
 def damage(path: str):
     """Why the complete checkpoint at `path` cannot be loaded (a short reason), or None when it looks sound."""
     try:
@@ -107,11 +117,8 @@ def damage(path: str):
         if now[name] != size:
             return f"{name} has {now[name]:,} bytes, {size:,} were written"
     for name in now:
-        if name.endswith(".pt"):
-            try:
-                zipfile.ZipFile(os.path.join(path, name)).close()  # reads the archive's directory at the file's end
-            except (OSError, zipfile.BadZipFile):
-                return f"{name} is not a readable archive"
+        if name.endswith(".pt") and not readable_archive(os.path.join(path, name)):
+            return f"{name} is not a readable archive"
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         return f"{STATE_FILE} is missing"
     return None

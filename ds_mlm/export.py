@@ -23,7 +23,6 @@ import argparse
 import errno
 import glob
 import os
-import zipfile
 
 import torch
 
@@ -195,7 +194,7 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
 
 def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
     """A checkpoint cut short or damaged is one line, before anything is read at length."""
-    from ds_mlm.checkpointer import MARKER, damage, is_complete
+    from ds_mlm.checkpointer import MARKER, damage, is_complete, readable_archive
 
     if not is_complete(checkpoint_dir):
         if not force:
@@ -203,10 +202,8 @@ def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
                             "partial; export an earlier checkpoint, or pass --force to export it anyway")
         print(f"warning: {checkpoint_dir} has no {MARKER} marker (--force): its files may be partial")
         for path in glob.glob(os.path.join(checkpoint_dir, "*.pt")):
-            try:
-                zipfile.ZipFile(path).close()
-            except (OSError, zipfile.BadZipFile):
-                raise UserError(f"{path} is not a readable archive (cut short): export an earlier checkpoint") from None
+            if not readable_archive(path):
+                raise UserError(f"{path} is not a readable archive (cut short): export an earlier checkpoint")
         return
     why = damage(checkpoint_dir)
     if why:
