@@ -1,8 +1,37 @@
 #!/usr/bin/env bash
-# The test suite: installs what is missing into .venv (first run only), then runs pytest on tests/.
-# Extra arguments go to pytest, e.g. `bash tests/run.sh -k packing -x`.
+# The test suite: installs what is missing into .venv (first run only), then runs pytest on tests/ in three tiers and
+# prints each tier's time: fast (`-m "not slow"`, the one-minute loop), integration (launchers, several processes,
+# faults) and cluster (real hosts in network namespaces; they skip, saying why, where the machine cannot host them).
+# Extra arguments run one pytest over tests/ with them instead, e.g. `bash tests/run.sh -k packing -x`.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest tests "$@"
+py=("$root/.venv/bin/python" -m pytest tests)
+[ $# -gt 0 ] && exec "${py[@]}" "$@"
+
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+status=0 passed=0 failed=0 skipped=0 summary=()
+tier() {  # tier NAME MARKER-EXPRESSION: one pytest run; a tier with no test (exit 5) is not a failure
+  local name=$1 expr=$2 start rc=0 last n
+  start=$(date +%s)
+  "${py[@]}" -m "$expr" 2>&1 | tee "$log/$name" || rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 5 ] && rc=0
+  [ "$rc" -eq 0 ] || status=1
+  last=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$log/$name" | tail -n 1 || true)
+  for kind in passed failed skipped; do
+    n=$(grep -oE "[0-9]+ $kind" <<<"$last" | grep -oE '^[0-9]+' || echo 0)
+    declare -g "$kind=$(( ${!kind} + n ))"
+  done
+  n=$(grep -oE '[0-9]+ errors?' <<<"$last" | grep -oE '^[0-9]+' || echo 0)
+  failed=$(( failed + n ))
+  summary+=("$name $(( $(date +%s) - start )) s")
+}
+tier fast "not slow and not cluster"
+tier integration "slow and not cluster"
+tier cluster "cluster"
+printf -v times "%s; " "${summary[@]}"
+echo "tests/run.sh: ${times%; } (targets: fast < 60 s, fast + integration < 12 min on the 2-core CI machine)"
+echo "$passed passed, $failed failed, $skipped skipped"
+exit "$status"
