@@ -26,6 +26,19 @@ def cpu_mixed_precision() -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def fp16_precision() -> str:
+    """What --fp16 trains in on this CPU (ds_mlm.precision.choose): fp16 where DeepSpeed accepts it (oneDNN computes
+    fp16: AVX512-FP16 or AMX-FP16, as on a Xeon of this project's), else cpu_mixed_precision()."""
+    import torch
+
+    return "fp16" if torch.ops.mkldnn._is_mkldnn_fp16_supported() else cpu_mixed_precision()
+
+
+def fp16_fallback_warning(used: str) -> str:
+    """The warning --fp16 prints where it trains in `used` instead; empty where fp16 runs as asked."""
+    return "" if used == "fp16" else f"fp16 is not supported on this cpu: training in {used} instead"
+
+
 # The keys of a train_log.jsonl record that measure time, not training: runs compare every other number exactly.
 TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib")
 

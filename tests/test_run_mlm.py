@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from conftest import cpu_mixed_precision, deepspeed_cmd, run
+from conftest import deepspeed_cmd, fp16_fallback_warning, fp16_precision, run
 from ds_mlm.tokenization import load_tokenizer
 
 pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
@@ -39,8 +39,9 @@ def seed_command(tok, train, evaluation, out, **over):
 def test_seed_command_through_the_deepspeed_launcher(tmp_path, small_corpus, spm_tokenizer_dir):
     out = tmp_path / "run"
     proc = run(deepspeed_cmd(*seed_command(spm_tokenizer_dir, *small_corpus, out)), timeout=900)
-    mixed = cpu_mixed_precision()  # --fp16 on a CPU runs bf16 where it is native, else fp32, and says so
-    assert f"fp16 is not supported on this cpu: training in {mixed} instead" in proc.stdout + proc.stderr
+    used = fp16_precision()  # --fp16 on a CPU: fp16 where DeepSpeed takes it, else bf16 where native, else fp32
+    assert fp16_fallback_warning(used) in proc.stdout + proc.stderr
+    assert ("fp16 is not supported" in proc.stdout + proc.stderr) is (used != "fp16")
 
     export = out / "roberta_thai"
     model = AutoModelForMaskedLM.from_pretrained(export)
@@ -57,7 +58,7 @@ def test_seed_command_through_the_deepspeed_launcher(tmp_path, small_corpus, spm
     assert any("eval_loss" in r for r in records)
     resolved = json.loads((out / "ds_config.json").read_text())
     assert resolved["train_batch_size"] == 4 * 2 * 1
-    assert resolved["bf16"]["enabled"] is (mixed == "bf16") and not resolved["fp16"]["enabled"]
+    assert (resolved["bf16"]["enabled"], resolved["fp16"]["enabled"]) == (used == "bf16", used == "fp16")
 
 
 # -- every tokenizer type, end to end: train it, build the dataset with it, train a few steps, export ---------------

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import (REPO, SEQ, cpu_mixed_precision, crash_after_step, launcher_cmd, make_trainer, numbers,
+from conftest import (REPO, SEQ, fp16_fallback_warning, fp16_precision, crash_after_step, launcher_cmd, make_trainer, numbers,
                       read_log, run, train)
 
 pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
@@ -93,17 +93,18 @@ def test_every_zero_stage_trains(tmp_path, data, world_of_one, config):
         assert any(not torch.equal(a.float(), b.float()) for a, b in zip(before, after))  # the weights moved
 
 
-def test_fp16_on_cpu_trains_in_bf16_or_fp32_with_a_warning(tmp_path, data, world_of_one, caplog):
-    mixed = cpu_mixed_precision()
+def test_fp16_on_cpu_trains_in_fp16_or_bf16_or_fp32_with_a_warning(tmp_path, data, world_of_one, caplog):
+    used = fp16_precision()
     with caplog.at_level(logging.WARNING, logger="ds_mlm"):
         trainer = make_trainer(tmp_path, data, world_of_one, "--fp16", "--deepspeed_config", "zero1.json",
                                "--max_steps", "3", "--logging_steps", "1", eval_set=False)
-    assert f"fp16 is not supported on this cpu: training in {mixed} instead" in caplog.text
-    assert trainer.engine.bfloat16_enabled() is (mixed == "bf16") and not trainer.engine.fp16_enabled()
+    assert fp16_fallback_warning(used) in caplog.text and ("fp16 is not supported" in caplog.text) is (used != "fp16")
+    assert (trainer.engine.bfloat16_enabled(), trainer.engine.fp16_enabled()) == (used == "bf16", used == "fp16")
     assert trainer.engine.zero_optimization_stage() == 1
     train(trainer)
     assert len(read_log(tmp_path / "out")) == 3
-    assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["bf16"]["enabled"] is (mixed == "bf16")
+    resolved = json.loads((tmp_path / "out" / "ds_config.json").read_text())
+    assert (resolved["bf16"]["enabled"], resolved["fp16"]["enabled"]) == (used == "bf16", used == "fp16")
 
 
 class Crash(Exception):
