@@ -37,7 +37,7 @@ ZSTD_FEED = 8 << 10  # compressed bytes fed to zstd at once: a zstd block expand
 UTF8_BOM = b"\xef\xbb\xbf"
 PARQUET_ROWS = 8192  # rows of a row group turned into Python strings at once
 SHOWN_BAD = 5  # bad records named per file (all are counted)
-_UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),  # longest first: FF FE 00 00
+UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),  # longest first: FF FE 00 00
                  (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))                    # starts like UTF-16-LE's BOM
 
 
@@ -199,7 +199,7 @@ def _blocks(path: str, stats, read_bytes: int, byte_range=None) -> Iterator[Tupl
             if decoder is None and (byte_range is None or byte_range[0] == 0):  # a UTF-16/32 byte-order mark?
                 while len(block) < 4 and (more := read(4 - len(block))):
                     block += more
-                encoding = next((enc for bom, enc in _UNICODE_BOMS if block.startswith(bom)), None)
+                encoding = next((enc for bom, enc in UNICODE_BOMS if block.startswith(bom)), None)
                 decoder = codecs.getincrementaldecoder(encoding)("ds_mlm.count_and_replace") if encoding else False
                 if decoder:
                     stats.transcoded += 1
