@@ -78,6 +78,20 @@ def list_input_files(directory: str, exts, flag: str = "the directory") -> List[
     return sorted(files)
 
 
+def distinct_sources(sources: Sequence[Tuple[str, List[str]]], flag: str):
+    """`sources` ((directory, its files) pairs) unchanged; a UserError when two of them are one directory, or two
+    files one file, reached by other paths (a symbolic link, `..`): mixed in, it would be counted twice."""
+    seen = {}
+    for directory, files in sources:
+        for path in [directory, *files]:
+            real = os.path.realpath(path)
+            if seen.setdefault(real, path) != path:
+                what = "directory" if path == directory else "file"
+                raise UserError(f"{flag} {seen[real]} and {path} are the same {what} ({real}, reached through a "
+                                "symbolic link or ..): give each source once (use --train_weights to upweight it)")
+    return sources
+
+
 def _what_is(path: str) -> str:
     try:
         mode = os.stat(path).st_mode
