@@ -259,7 +259,7 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
         try:
             check_destination(output_dir, step, final_names=own_names(tokenizer))
             save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
-                           output_dir, intact, step)
+                           output_dir, intact, step=step)
         except UserError as e:
             error = str(e)
         else:
@@ -322,7 +322,8 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, 
                         "export an earlier checkpoint") from None
     unpadded = unpadded_config(config)
     return save_model_dir(MODEL_FOR_MASKED_LM_MAPPING[type(unpadded)](unpadded).float(), tensors, tokenizer, output_dir,
-                          f"{checkpoint_dir} is intact", step if step >= 0 else None, os.path.abspath(checkpoint_dir))
+                          f"{checkpoint_dir} is intact", step=step if step >= 0 else None,
+                          source=os.path.abspath(checkpoint_dir))
 
 
 def main(argv=None) -> int:
