@@ -116,10 +116,11 @@ class _ZstdStream:
         import zstandard
 
         self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
-        self.frame, self.fed, self.out = self.new(), 0, bytearray()  # fed: bytes of the current frame so far
+        self.frame, self.fed = self.new(), 0  # fed: bytes of the current frame so far
+        self.out, self.have = [], 0  # decompressed pieces not handed on yet (a list: no copy per piece)
 
     def read(self, n: int) -> bytes:
-        while len(self.out) < n:
+        while self.have < n:
             data = self.raw.read(ZSTD_FEED)
             if not data:
                 if self.fed and not self.frame.eof:
@@ -129,11 +130,15 @@ class _ZstdStream:
                 if self.frame.eof:  # the previous frame ended: what follows starts a new one
                     self.frame, self.fed = self.new(), 0
                 self.fed += len(data)
-                self.out += self.frame.decompress(data)
+                piece = self.frame.decompress(data)
+                if piece:
+                    self.out.append(piece)
+                    self.have += len(piece)
                 data = self.frame.unused_data if self.frame.eof else b""
-        block = bytes(self.out[:n])
-        del self.out[:n]
-        return block
+        joined = b"".join(self.out)
+        rest = joined[n:]
+        self.out, self.have = [rest] if rest else [], len(rest)
+        return joined[:n]
 
 
 @contextmanager
