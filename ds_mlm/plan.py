@@ -207,7 +207,8 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
 
 
 def _mixture(data_args) -> list:
-    weights = data_args.train_weights or [None] * len(data_args.train_dir)
+    one = len(data_args.train_dir) == 1  # one source: its weight changes nothing
+    weights = data_args.train_weights if data_args.train_weights and not one else [None] * len(data_args.train_dir)
     return [[os.path.abspath(d), w and round(w / sum(weights), 6)] for d, w in zip(data_args.train_dir, weights)]
 
 
