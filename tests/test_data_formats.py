@@ -319,3 +319,20 @@ def test_the_build_stops_on_a_damaged_zst_and_leaves_the_cache_as_it_was(tmp_pat
             assert line == f"ds-mlm: error: {truncated_message(train / name)}"
         assert tree(cache) == before  # the good cache byte for byte; nothing built from the bad file
         (train / "b.jsonl.zst").unlink(missing_ok=True)
+
+
+@pytest.mark.slow  # the CLI in-process: its imports take seconds on their own
+def test_the_build_refuses_a_source_given_twice_through_a_symlink(tmp_path, bpe_tokenizer_dir, capsys):
+    from ds_mlm.run_mlm import cli_main
+
+    (tmp_path / "news").mkdir()
+    (tmp_path / "news" / "a.txt").write_text("some news\n")
+    (tmp_path / "again").symlink_to(tmp_path / "news")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tokenizer_name_or_path", str(bpe_tokenizer_dir), "--train_dir", str(tmp_path / "news"),
+                  str(tmp_path / "again"), "--output_dir", str(tmp_path / "out"), "--build_dataset_only"])
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"ds-mlm: error: --train_dir {tmp_path / 'news'} and {tmp_path / 'again'} are the same directory "
+        f"({tmp_path / 'news'}, reached through a symbolic link or ..): give each source once (use --train_weights "
+        "to upweight it)"]
+    assert not (tmp_path / "out").exists()  # nothing written
