@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # An input file's content hash is a sha256 of ALL its bytes: a hash of windows of a large file (as before) missed an
 # in-place edit between them, once the file's times were put back. It is computed only when the file's stat
 # signals (size, mtime, ctime, inode, device) differ from those recorded with the hash (plan.py), so an unchanged
-# corpus costs a stat per file; sha256 reads ~1.4 GB/s here (bench/fingerprint.py measures it).
+# corpus costs a stat per file. sha256 read ~1.4 GB/s on a quiet core here (bench/fingerprint.py measures it).
 HASH_READ_BYTES = 1 << 20
 PROBE_LINES = ["สวัสดีครับ ประเทศไทย  2567", "Hello, world!  Tabs\tand  spaces.",
                "ภาษาไทย mixed with English\nnext line", "  leading and trailing  ",
