@@ -23,8 +23,8 @@ Before anything is read at length, `check_destination` refuses, in one line, a d
 file no export listed there (a user's file, or a directory without the marker), and an export of an older step
 over a newer export; `--force` replaces them and says what it replaces. The final export of a run replaces the
 run's own earlier export whatever its step (also one made by a ds-mlm older than the marker, recognised by holding
-only names this export writes). (`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we fill a fresh model instead
-and let `save_pretrained` handle the ties.)
+only names this export writes). (`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we
+fill a fresh model instead and let `save_pretrained` handle the ties.)
 """
 
 import argparse

@@ -264,7 +264,8 @@ def test_a_source_reached_twice_by_another_path_is_refused(tmp_path):
     (tmp_path / "a" / "x.txt").write_text("x\n")
     (tmp_path / "b" / "y.txt").write_text("y\n")
     (tmp_path / "link").symlink_to(tmp_path / "a")
-    ok = [(str(tmp_path / "a"), [str(tmp_path / "a" / "x.txt")]), (str(tmp_path / "b"), [str(tmp_path / "b" / "y.txt")])]
+    ok = [(str(tmp_path / "a"), [str(tmp_path / "a" / "x.txt")]),
+          (str(tmp_path / "b"), [str(tmp_path / "b" / "y.txt")])]
     assert distinct_sources(ok, "--train_dir") == ok
     for other in (tmp_path / "link", tmp_path / "b" / ".." / "a"):
         twice = [ok[0], (str(other), list_input_files(str(other), "txt"))]

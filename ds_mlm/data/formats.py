@@ -9,10 +9,11 @@
 A record's text goes on as lines, exactly like a text file's (text.py splits and cleans both the same way): the
 texts of a file's records are joined by line breaks, so the same text gives byte-identical tokens in every format.
 A text file that starts with a UTF-16 or UTF-32 byte-order mark is decoded from it (counted); other files are
-UTF-8; a UTF-8 byte-order mark at the start of a file is removed (counted). A compressed file is read to its
-end marker: one cut short, or damaged, is a UserError naming it, "truncated" or "corrupt" and the byte, raised
-before its last (partial) block is handed on, so nothing is built from it. Records that cannot be used (invalid JSON, not an object, the field missing, null or not a string) are
-skipped, counted and named (file:line, file:row); a file with records but not one usable is a UserError.
+UTF-8; a UTF-8 byte-order mark before a JSONL record is removed (counted), as text.py does for a line. A compressed
+file is read to its end marker: one cut short, or damaged, is a UserError naming it, "truncated" or "corrupt" and
+the byte, raised before its last (partial) block is handed on, so nothing is built from it. Records that cannot be
+used (invalid JSON, not an object, the field missing, null or not a string) are skipped, counted and named
+(file:line, file:row); a file with records but not one usable is a UserError.
 Memory stays bounded by the read size (and the largest record), never the file.
 """
 

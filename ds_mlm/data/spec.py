@@ -1,8 +1,9 @@
 """Fingerprints of what token data are built from (an input file, a tokenizer), and how a tokenizer is asked for ids.
 
-An input file's fingerprint: absolute path, size, mtime_ns, and a sha256 of its whole content. A tokenizer's: class, vocabulary, special and added tokens, the Rust backend's full definition when it
-has one, and the ids it gives for a probe text mixing Thai, English, spaces and line breaks. plan.py combines them
-with the build options into each shard's fingerprint; a shard whose recorded fingerprint differs is rebuilt.
+An input file's fingerprint: absolute path, size, mtime_ns, and a sha256 of its whole content. A tokenizer's:
+class, vocabulary, special and added tokens, the Rust backend's full definition when it has one, and the ids it
+gives for a probe text mixing Thai, English, spaces and line breaks. plan.py combines them with the build options
+into each shard's fingerprint; a shard whose recorded fingerprint differs is rebuilt.
 
 The tokenizer protocol: `len(tokenizer)`, `get_vocab()`, `bos_token_id`, `eos_token_id`, and one way to encode a
 batch of lines without special tokens, tried in this order: `batch_encode_ids(lines)` (ds-mlm's own tokenizers),
