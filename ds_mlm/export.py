@@ -15,14 +15,25 @@ no launcher needed):
 A directory is written beside its final name (NAME.tmp-HOST-PID) and renamed into place (atomic.py), so a crash
 never leaves half an export, and the next export removes what a killed one left. A full disk is one line saying the
 checkpoint is intact. A checkpoint without its COMPLETE marker was interrupted while saving: exporting it needs
---force. (`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we fill a fresh model instead
-and let `save_pretrained` handle the ties.)
+--force.
+
+Export never destroys what it did not write. Each directory it writes holds `.ds-mlm-export.json`:
+{"format": "ds-mlm export", "step", "source" (the checkpoint, or "the run"), "files": [every file it wrote]}.
+Before anything is read at length, `check_destination` refuses, in one line, a destination directory that holds a
+file no export listed there (a user's file, or a directory without the marker), and an export of an older step
+over a newer export; `--force` replaces them and says what it replaces. The final export of a run replaces the
+run's own earlier export whatever its step (also one made by a ds-mlm older than the marker, recognised by holding
+only names this export writes). (`zero_to_fp32.py --safe_serialization` fails on RoBERTa's tied embeddings; we
+fill a fresh model instead and let `save_pretrained` handle the ties.)
 """
 
 import argparse
 import errno
 import glob
+import json
 import os
+import tempfile
+from typing import Optional
 
 import torch
 
@@ -32,6 +43,9 @@ from ds_mlm.optim import param_groups
 
 MODEL_DIR = "roberta_thai"
 TOKENIZER_DIR = "roberta_thai_tokenizer"
+MARKER = ".ds-mlm-export.json"
+MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json"}  # what save_pretrained writes
+SHOWN = 3  # foreign files named in a refusal (all are counted)
 
 
 # -- fp32 weights from a live engine ----------------------------------------------------------------------------
@@ -143,8 +157,69 @@ def _written(what: str, output_dir: str, write, intact: str) -> None:
         raise UserError(f"could not write {what} in {output_dir} ({why}); {intact}") from None
 
 
-def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str = "nothing was changed") -> str:
-    """Fill a fresh fp32 CPU `model` with `tensors`; write {output_dir}/roberta_thai and .../roberta_thai_tokenizer."""
+# -- what is already there --------------------------------------------------------------------------------------
+
+def _files_under(directory: str) -> list:
+    return sorted(os.path.relpath(os.path.join(folder, name), directory)
+                  for folder, _, names in os.walk(directory) for name in names)
+
+
+def read_marker(directory: str) -> Optional[dict]:
+    """The marker of an export directory, or None (none there, or not ours)."""
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == "ds-mlm export" else None
+
+
+def _mark(directory: str, step: Optional[int], source: str) -> None:
+    record = {"format": "ds-mlm export", "step": step, "source": source, "files": _files_under(directory)}
+    with open(os.path.join(directory, MARKER), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def own_names(tokenizer) -> set:
+    """The file names an export of `tokenizer` writes (a directory of an export older than the marker holds only
+    these): the model's and whatever the tokenizer saves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return MODEL_FILES | set(_files_under(tmp))
+
+
+def check_destination(output_dir: str, step: Optional[int] = None, force: bool = False, final_names=None) -> list:
+    """A UserError when exporting (`step`) into `output_dir` would replace files no export wrote there, or a newer
+    export; with `force`, the list of what it replaces. `final_names` (own_names()): the run's final export, which
+    replaces its own earlier export of any step, and a pre-marker one holding only these names."""
+    replaced = []
+    for name in (MODEL_DIR, TOKENIZER_DIR):
+        target = os.path.join(output_dir, name)
+        if not os.path.lexists(target):
+            continue
+        record = read_marker(target) if os.path.isdir(target) else None
+        ours = set(record["files"]) | {MARKER} if record else final_names or set()
+        foreign = [f for f in _files_under(target) if f not in ours] if os.path.isdir(target) else [name]
+        if foreign:
+            what = f"{target} holds {len(foreign)} file(s) that no export wrote ({', '.join(foreign[:SHOWN])}" + \
+                   (", ...)" if len(foreign) > SHOWN else ")")
+            if not force:
+                raise UserError(f"{what}: exporting would delete them; move them away or choose another --output_dir"
+                                + ("" if final_names else " (or pass --force to replace the directory)"))
+            replaced.append(what)
+        elif record and final_names is None and step is not None and (record.get("step") or -1) > step:
+            what = f"{target} holds the export of step {record['step']} ({record.get('source')})"
+            if not force:
+                raise UserError(f"{what}, newer than step {step}: pass --force to replace it with the older one, or "
+                                "choose another --output_dir")
+            replaced.append(what)
+    return replaced
+
+
+def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str = "nothing was changed",
+                   step: Optional[int] = None, source: str = "the run") -> str:
+    """Fill a fresh fp32 CPU `model` with `tensors`; write {output_dir}/roberta_thai and .../roberta_thai_tokenizer,
+    each with its marker (`step`, `source`). The caller has checked the destination (check_destination)."""
     _fill(model, tensors)
     model_dir = os.path.join(output_dir, MODEL_DIR)
     os.makedirs(output_dir, exist_ok=True)
@@ -155,16 +230,19 @@ def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str
         with atomic.staging_dir(model_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            _mark(tmp, step, source)
         with atomic.staging_dir(os.path.join(output_dir, TOKENIZER_DIR)) as tmp:
             tokenizer.save_pretrained(tmp)
+            _mark(tmp, step, source)
 
     _written("the exported model", output_dir, write, intact)
     return model_dir
 
 
-def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was changed") -> str:
-    """Export the engine's fp32 weights with the tokenizer. Call on every rank; rank 0 writes. `intact`: what the
-    one-line error of a failed write says is still good (the run's last checkpoint)."""
+def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was changed",
+                 step: Optional[int] = None) -> str:
+    """The run's final export: the engine's fp32 weights (at `step`) with the tokenizer. Call on every rank; rank 0
+    writes. `intact`: what the one-line error of a failed write says is still good (the run's last checkpoint)."""
     import logging
 
     tensors = gather_fp32_state_dict(engine)
@@ -179,8 +257,9 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
         # the plain HF class (what downstream code loads), without the training's padding rows (model.pad_vocab)
         fresh = RobertaForMaskedLM(unpadded_config(engine.module.config)).float()
         try:
+            check_destination(output_dir, step, final_names=own_names(tokenizer))
             save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
-                           output_dir, intact)
+                           output_dir, intact, step=step)
         except UserError as e:
             error = str(e)
         else:
@@ -222,6 +301,11 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, 
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
     _check_checkpoint(checkpoint_dir, force)
+    from ds_mlm.checkpointer import step_of
+
+    step = step_of(checkpoint_dir)
+    for what in check_destination(output_dir, step if step >= 0 else None, force):
+        print(f"warning: --force: replacing {what}")
     from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
 
     config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
@@ -238,7 +322,8 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, 
                         "export an earlier checkpoint") from None
     unpadded = unpadded_config(config)
     return save_model_dir(MODEL_FOR_MASKED_LM_MAPPING[type(unpadded)](unpadded).float(), tensors, tokenizer, output_dir,
-                          f"{checkpoint_dir} is intact")
+                          f"{checkpoint_dir} is intact", step=step if step >= 0 else None,
+                          source=os.path.abspath(checkpoint_dir))
 
 
 def main(argv=None) -> int:
@@ -247,7 +332,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N directory under a run's --output_dir")
     parser.add_argument("--output_dir", required=True, help="where roberta_thai/ and roberta_thai_tokenizer/ go")
     parser.add_argument("--tokenizer_dir", help="the tokenizer to ship with it (default: the one in the checkpoint)")
-    parser.add_argument("--force", action="store_true", help="export a checkpoint whose save was interrupted")
+    parser.add_argument("--force", action="store_true",
+                        help="export a checkpoint whose save was interrupted, and replace a destination that holds "
+                             "files no export wrote or a newer export (each replacement is named)")
     args = parser.parse_args(argv)
     model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir, args.force)
     print(f"exported {args.checkpoint} to {model_dir}")

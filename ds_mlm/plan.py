@@ -14,7 +14,8 @@ What a resumed run does with a setting that changed since the checkpoint (one li
               step (optim.py)
     elastic   world_size, micro_batch, grad_accumulation (same global batch): the same samples per step
               (sampler.py); another world size loads ZeRO partitions through a universal checkpoint (checkpointer.py)
-    warns     global_batch: training goes on from the samples consumed, steps count batches of the new size
+    warns     global_batch: training goes on from the samples consumed, steps count batches of the new size;
+              mixture (--train_dir sources, --train_weights shares): the samples to come are drawn from the new one
     refuses   precision, zero_stage, optimizer, seed, seq_length, model (its shapes), tokenizer, train_samples:
               the checkpoint's state does not fit (export it and warm-start instead)
 
@@ -24,6 +25,7 @@ before an hours-long build (compare() skips what is not known yet).
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Tuple
 
@@ -97,6 +99,8 @@ class RunPlan:
     """The final DeepSpeed config: the JSON with the flags, the precision and the step count filled in."""
     num_train_epochs: float = field(default=0.0, repr=False)
     """--num_train_epochs, for the step count when --max_steps is not given."""
+    mixture: Optional[list] = None
+    """[[training source (absolute), its share of the samples (--train_weights, normalised) or None]]."""
 
     @property
     def epochs(self) -> float:
@@ -198,8 +202,14 @@ def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, 
         torch_compile=train_args.torch_compile,
         peak_tflops=train_args.peak_tflops or (peak_tflops(device.product, precision) if device.product else None),
         ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source),
-        num_train_epochs=train_args.num_train_epochs)
+        num_train_epochs=train_args.num_train_epochs, mixture=_mixture(data_args))
     return plan, warning
+
+
+def _mixture(data_args) -> list:
+    one = len(data_args.train_dir) == 1  # one source: its weight changes nothing
+    weights = data_args.train_weights if data_args.train_weights and not one else [None] * len(data_args.train_dir)
+    return [[os.path.abspath(d), w and round(w / sum(weights), 6)] for d, w in zip(data_args.train_dir, weights)]
 
 
 # -- resume ---------------------------------------------------------------------------------------------------------
@@ -241,10 +251,16 @@ def compare(saved: dict, plan: RunPlan):
         notes.append(f"micro batch x accumulation x processes changed from {was} to {plan.micro_batch}x"
                      f"{plan.grad_accumulation}x{plan.world_size} at the same global batch of {plan.global_batch}: "
                      "every step trains on the same samples as before")
+    if saved.get("mixture", now["mixture"]) != now["mixture"]:  # a checkpoint older than the field has none
+        notes.append(f"the training mixture changed from {_show('mixture', saved['mixture'])} to "
+                     f"{_show('mixture', now['mixture'])}: training goes on from the samples consumed, drawn from "
+                     "the new mixture")
     return refusals, notes
 
 
 def _show(key, value) -> str:
     if key == "tokenizer":
         return f"fingerprint {str(value)[:12]}"
+    if key == "mixture":  # --train_dir and --train_weights
+        return " ".join(f"{d}:{'by size' if w is None else w}" for d, w in value)
     return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)

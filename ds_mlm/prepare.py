@@ -33,7 +33,7 @@ import uuid
 from ds_mlm import distributed, preflight
 from ds_mlm.data.build import build_shards, check_built, manifest_is_current, no_samples_error, present_shards, \
     shard_counts
-from ds_mlm.data.formats import list_input_files
+from ds_mlm.data.formats import distinct_sources, list_input_files
 from ds_mlm.data.group import BuildGroup
 from ds_mlm.data.manifest import (SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest,
                                   remove_leftovers)
@@ -176,7 +176,7 @@ def _sources(data_args):
     for split, flag, field in SPLITS:
         dirs = getattr(data_args, field) or []
         if dirs:
-            out[split] = [(d, list_input_files(d, data_args.ext, flag)) for d in dirs]
+            out[split] = distinct_sources([(d, list_input_files(d, data_args.ext, flag)) for d in dirs], flag)
     return out
 
 

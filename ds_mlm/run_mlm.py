@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     from ds_mlm import resume
     from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.data.spec import tokenizer_fingerprint
+    from ds_mlm.export import check_destination, own_names
     from ds_mlm.plan import make_plan
 
     device = precision.this_device()
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     if dist.is_main:
         for line in filter(None, [warning, _eval_warning(train_args, data_args)]):
             log.warning(line)
+    check_destination(plan.output_dir, final_names=own_names(tokenizer))  # the final export will not be refused
     with run_lock(dist, train_args.output_dir):
         if dist.local_rank == 0:
             preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(
@@ -152,7 +154,7 @@ def train(trainer, tokenizer, save_on_signal: bool) -> int:
     last = os.path.join(plan.output_dir, f"checkpoint-{trainer.global_step}")
     export_model(trainer.engine, tokenizer, plan.output_dir,
                  intact=f"{last} is intact: free some space, then export it with python -m ds_mlm.export "
-                        f"--checkpoint {last} --output_dir {plan.output_dir}")
+                        f"--checkpoint {last} --output_dir {plan.output_dir}", step=trainer.global_step)
     if trainer.eval_sets:
         metrics = trainer.final_evaluation()
         log.info("final evaluation: eval_loss=%.4f perplexity=%.4f", metrics["eval_loss"], metrics["perplexity"])

@@ -176,3 +176,164 @@ def test_listing_several_extensions_and_odd_entries(tmp_path, caplog):
     (tmp_path / "x.parquet.gz").write_bytes(b"")
     with pytest.raises(UserError, match="compressed Parquet"):
         list_input_files(str(tmp_path), "parquet.gz")
+
+
+# -- compressed files are read to their end marker, or not at all ------------------------------------------------
+
+LINES = [f"บรรทัดที่ {i}: the quick brown fox jumps over the lazy dog {i * 7919 % 1000}" for i in range(6000)]
+COMPRESS = {".gz": gzip.compress, ".zst": lambda b: zstandard.ZstdCompressor().compress(b),
+            ".bz2": __import__("bz2").compress, ".xz": __import__("lzma").compress}
+NAMES = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
+
+
+def compressed(path, suffix, text):
+    data = COMPRESS[suffix](text.encode())
+    path.write_bytes(data)
+    return data
+
+
+def truncated_message(path):
+    return (f"{path}: truncated: its {NAMES[path.suffix]} data end at byte {path.stat().st_size:,} before the "
+            "end-of-stream marker (the file was cut short): nothing was built from it; re-download or re-compress it")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".bz2", ".xz"])
+def test_a_compressed_file_cut_in_half_is_truncated_and_a_flipped_one_corrupt(tmp_path, suffix):
+    text = "\n".join(LINES) + "\n"
+    whole = compressed(tmp_path / f"whole.txt{suffix}", suffix, text)
+    assert read(tmp_path / f"whole.txt{suffix}")[0] == LINES
+    half = tmp_path / f"half.txt{suffix}"
+    half.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UserError) as cut:
+        read(half)
+    assert str(cut.value) == truncated_message(half)
+    flipped = bytearray(whole)
+    for i in range(len(whole) // 2, len(whole) // 2 + 16):
+        flipped[i] ^= 0xFF
+    bad = tmp_path / f"flipped.txt{suffix}"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(UserError) as corrupt:
+        read(bad)
+    assert str(corrupt.value).startswith(f"{bad}: corrupt {NAMES[suffix]} data near byte ")
+    assert str(corrupt.value).endswith(f" of {len(whole):,} ({str(corrupt.value).split(' (', 1)[1].split(')')[0]}): "
+                                       "nothing was built from it; re-download or re-compress it")
+    noise = tmp_path / f"noise.txt{suffix}"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(UserError, match=f"noise.txt{suffix}: corrupt {NAMES[suffix]} data near byte"):
+        read(noise)
+
+
+def test_a_truncated_jsonl_zst_says_truncated_not_invalid_json(tmp_path, caplog):
+    jsonl = "".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in LINES)
+    cctx = zstandard.ZstdCompressor()
+    data = cctx.compress(jsonl[:len(jsonl) // 2].encode()) + cctx.compress(jsonl[len(jsonl) // 2:].encode())
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(data[:len(data) * 3 // 4])  # the second frame cut: the first one is whole
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError) as error:
+        read(cut)
+    assert str(error.value) == truncated_message(cut) and "invalid JSON" not in caplog.text
+    tiny = tmp_path / "tiny.jsonl.zst"
+    tiny.write_bytes(data[:40])  # nothing decodes: truncated, not "no text"
+    with pytest.raises(UserError) as error:
+        read(tiny)
+    assert str(error.value) == truncated_message(tiny)
+
+
+def test_a_utf8_bom_before_a_jsonl_record_is_removed_and_counted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first record"}\n{"text": "second"}\n')
+    lines, stats = read(path)
+    assert lines == ["first record", "second"] and (stats.records, stats.bad_records, stats.boms) == (2, 0, 1)
+
+
+def test_dictionary_encoded_and_large_string_parquet_columns_are_text(tmp_path):
+    texts = ["หนึ่ง", "two", "หนึ่ง", None, "three"]
+    for name, column in (("dict", pa.array(texts).dictionary_encode()), ("large", pa.array(texts, pa.large_string()))):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": column}), path, use_dictionary=True)
+        lines, stats = read(path)
+        assert lines == ["หนึ่ง", "two", "หนึ่ง", "three"] and (stats.records, stats.bad_records) == (4, 1), name
+    assert pa.types.is_dictionary(pq.ParquetFile(tmp_path / "dict.parquet").schema_arrow.field("text").type)
+
+
+def test_a_source_reached_twice_by_another_path_is_refused(tmp_path):
+    from ds_mlm.data.formats import distinct_sources
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x\n")
+    (tmp_path / "b" / "y.txt").write_text("y\n")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    ok = [(str(tmp_path / "a"), [str(tmp_path / "a" / "x.txt")]),
+          (str(tmp_path / "b"), [str(tmp_path / "b" / "y.txt")])]
+    assert distinct_sources(ok, "--train_dir") == ok
+    for other in (tmp_path / "link", tmp_path / "b" / ".." / "a"):
+        twice = [ok[0], (str(other), list_input_files(str(other), "txt"))]
+        with pytest.raises(UserError) as error:
+            distinct_sources(twice, "--train_dir")
+        assert str(error.value) == (f"--train_dir {tmp_path / 'a'} and {other} are the same directory "
+                                    f"({tmp_path / 'a'}, reached through a symbolic link or ..): give each source "
+                                    "once (use --train_weights to upweight it)")
+    (tmp_path / "b" / "z.txt").symlink_to(tmp_path / "a" / "x.txt")  # one file in two sources
+    files = [(str(tmp_path / "a"), list_input_files(str(tmp_path / "a"), "txt")),
+             (str(tmp_path / "b"), list_input_files(str(tmp_path / "b"), "txt"))]
+    with pytest.raises(UserError, match=f"{tmp_path / 'b' / 'z.txt'} are the same file"):
+        distinct_sources(files, "--train_dir")
+
+
+def tree(root) -> dict:
+    """relative path -> bytes of every file under root: what 'the cache untouched' means."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.slow
+def test_the_build_stops_on_a_damaged_zst_and_leaves_the_cache_as_it_was(tmp_path, bpe_tokenizer_dir):
+    import sys
+
+    from conftest import run
+
+    train, evaluation = tmp_path / "train", tmp_path / "eval"
+    train.mkdir()
+    evaluation.mkdir()
+    (evaluation / "e.txt").write_text("\n".join(LINES[:50]) + "\n")
+    good = compressed(train / "a.txt.zst", ".zst", "\n".join(LINES) + "\n")
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ds_mlm.run_mlm", "--tokenizer_name_or_path", bpe_tokenizer_dir, "--train_dir", train,
+           "--eval_dir", evaluation, "--ext", "txt.zst", "jsonl.zst", "txt", "--output_dir", tmp_path / "out",
+           "--datasets_cache_dir", cache, "--max_seq_length", "64", "--build_dataset_only"]
+    run(cmd)
+    before = tree(cache)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    jsonl = "".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in LINES).encode()
+    for name, damaged in (("a.txt.zst", good[:len(good) // 2]), ("a.txt.zst", bytes(flipped)),
+                          ("b.jsonl.zst", zstandard.ZstdCompressor().compress(jsonl)[:-100])):
+        (train / "a.txt.zst").write_bytes(good)
+        (train / name).write_bytes(damaged)
+        proc = run(cmd, check=False)
+        [line] = [s for s in proc.stderr.splitlines() if "error" in s.lower()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        if len(damaged) == len(good):  # the flipped one
+            assert line.startswith(f"ds-mlm: error: {train / name}: corrupt zstd data near byte ")
+        else:
+            assert line == f"ds-mlm: error: {truncated_message(train / name)}"
+        assert tree(cache) == before  # the good cache byte for byte; nothing built from the bad file
+        (train / "b.jsonl.zst").unlink(missing_ok=True)
+
+
+@pytest.mark.slow  # the CLI in-process: its imports take seconds on their own
+def test_the_build_refuses_a_source_given_twice_through_a_symlink(tmp_path, bpe_tokenizer_dir, capsys):
+    from ds_mlm.run_mlm import cli_main
+
+    (tmp_path / "news").mkdir()
+    (tmp_path / "news" / "a.txt").write_text("some news\n")
+    (tmp_path / "again").symlink_to(tmp_path / "news")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tokenizer_name_or_path", str(bpe_tokenizer_dir), "--train_dir", str(tmp_path / "news"),
+                  str(tmp_path / "again"), "--output_dir", str(tmp_path / "out"), "--build_dataset_only"])
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"ds-mlm: error: --train_dir {tmp_path / 'news'} and {tmp_path / 'again'} are the same directory "
+        f"({tmp_path / 'news'}, reached through a symbolic link or ..): give each source once (use --train_weights "
+        "to upweight it)"]
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -153,12 +153,12 @@ import os, shutil, sys
 sys.path.insert(0, {repo!r})
 from ds_mlm import export
 real = export.save_model_dir
-def fill_then_save(model, tensors, tokenizer, output_dir, intact="nothing was changed"):
+def fill_then_save(model, tensors, tokenizer, output_dir, intact="nothing was changed", **kw):
     free = shutil.disk_usage(output_dir).free
     with open(os.path.join(output_dir, "someone-elses-file"), "wb") as f:  # the disk fills while the run trains
         f.truncate(0)
         f.write(b"x" * max(free - (1 << 20), 0))
-    return real(model, tensors, tokenizer, output_dir, intact)
+    return real(model, tensors, tokenizer, output_dir, intact, **kw)
 export.save_model_dir = fill_then_save
 from ds_mlm.run_mlm import cli_main
 cli_main(sys.argv[1:])

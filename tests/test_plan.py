@@ -114,3 +114,18 @@ def test_inconsistent_json_is_still_refused_before_planning(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 3}))
     with pytest.raises(UserError, match="train_batch_size 3"):
         plan_of(tmp_path, "--deepspeed_config", str(path))
+
+
+def test_a_changed_mixture_on_resume_is_one_line(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    weighted = ["--train_dir", str(a), str(b), "--max_steps", "50"]
+    saved = plan_of(tmp_path, *weighted, "--train_weights", "0.6", "0.4")[0].to_dict()
+    assert compare(saved, plan_of(tmp_path, *weighted, "--train_weights", "3", "2")[0]) == ([], [])  # same shares
+    assert compare(saved, plan_of(tmp_path, *weighted, "--train_weights", "0.3", "0.7")[0]) == ([], [
+        f"the training mixture changed from {a}:0.6 {b}:0.4 to {a}:0.3 {b}:0.7: training goes on from the samples "
+        "consumed, drawn from the new mixture"])
+    assert compare(saved, plan_of(tmp_path, *weighted)[0])[1] == [
+        f"the training mixture changed from {a}:0.6 {b}:0.4 to {a}:by size {b}:by size: training goes on from the "
+        "samples consumed, drawn from the new mixture"]
+    older = {k: v for k, v in saved.items() if k != "mixture"}  # a checkpoint from before the field: nothing to say
+    assert compare(older, plan_of(tmp_path, *weighted)[0]) == ([], [])

@@ -4,22 +4,28 @@
     *.txt, any other name          lines of text
     *.jsonl, *.json                one JSON object per line (orjson); its `--text_field` is the text
     *.parquet                      one row group at a time (pyarrow); the `--text_field` column is the text
-    + .gz / .zst (line formats)    decompressed as a stream (gzip, zstandard)
+    + .gz/.zst/.bz2/.xz            the line formats compressed: decompressed as a stream (gzip, zstandard, bz2, lzma)
 
 A record's text goes on as lines, exactly like a text file's (text.py splits and cleans both the same way): the
 texts of a file's records are joined by line breaks, so the same text gives byte-identical tokens in every format.
 A text file that starts with a UTF-16 or UTF-32 byte-order mark is decoded from it (counted); other files are
-UTF-8. Records that cannot be used (invalid JSON, not an object, the field missing, null or not a string) are
-skipped, counted and named (file:line, file:row); a file with records but not one usable is a UserError.
+UTF-8; a UTF-8 byte-order mark before a JSONL record is removed (counted), as text.py does for a line. A compressed
+file is read to its end marker: one cut short, or damaged, is a UserError naming it, "truncated" or "corrupt" and
+the byte, raised before its last (partial) block is handed on, so nothing is built from it. Records that cannot be
+used (invalid JSON, not an object, the field missing, null or not a string) are skipped, counted and named
+(file:line, file:row); a file with records but not one usable is a UserError.
 Memory stays bounded by the read size (and the largest record), never the file.
 """
 
+import bz2
 import codecs
 import glob
 import gzip
 import logging
+import lzma
 import os
 import stat
+import zlib
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -27,15 +33,18 @@ from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)
 TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
-COMPRESSIONS = (".gz", ".zst")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}  # suffix -> name in messages
+ZSTD_FEED = 8 << 10  # compressed bytes fed to zstd at once: a zstd block expands 32768x at most, so <= 256 MiB
+UTF8_BOM = b"\xef\xbb\xbf"
 PARQUET_ROWS = 8192  # rows of a row group turned into Python strings at once
 SHOWN_BAD = 5  # bad records named per file (all are counted)
-_UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),  # longest first: FF FE 00 00
+UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),  # longest first: FF FE 00 00
                  (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))                    # starts like UTF-16-LE's BOM
 
 
 def file_format(path: str) -> Tuple[str, Optional[str]]:
-    """(kind, compression) of a file, from its name: kind TEXT, JSONL or PARQUET; compression .gz, .zst or None."""
+    """(kind, compression) of a file, from its name: kind TEXT, JSONL or PARQUET; compression a COMPRESSIONS key or
+    None."""
     name = os.path.basename(path).lower()
     compression = next((c for c in COMPRESSIONS if name.endswith(c)), None)
     base = name[:-len(compression)] if compression else name
@@ -70,6 +79,20 @@ def list_input_files(directory: str, exts, flag: str = "the directory") -> List[
     return sorted(files)
 
 
+def distinct_sources(sources: Sequence[Tuple[str, List[str]]], flag: str):
+    """`sources` ((directory, its files) pairs) unchanged; a UserError when two of them are one directory, or two
+    files one file, reached by other paths (a symbolic link, `..`): mixed in, it would be counted twice."""
+    seen = {}
+    for directory, files in sources:
+        for path in [directory, *files]:
+            real = os.path.realpath(path)
+            if seen.setdefault(real, path) != path:
+                what = "directory" if path == directory else "file"
+                raise UserError(f"{flag} {seen[real]} and {path} are the same {what} ({real}, reached through a "
+                                "symbolic link or ..): give each source once (use --train_weights to upweight it)")
+    return sources
+
+
 def _what_is(path: str) -> str:
     try:
         mode = os.stat(path).st_mode
@@ -84,6 +107,41 @@ def _what_is(path: str) -> str:
     return "a socket or a device"
 
 
+class _ZstdStream:
+    """A zstd file as a binary stream that knows where its frames end: `zstandard`'s stream reader ends silently at
+    the end of its input, inside a frame or not, so a file cut short would read as a shorter text. Frames are
+    decompressed one after another (a file may hold several, as `cat a.zst b.zst` makes); input that ends inside one
+    raises EOFError."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.fed = self.new(), 0  # fed: bytes of the current frame so far
+        self.out, self.have = [], 0  # decompressed pieces not handed on yet (a list: no copy per piece)
+
+    def read(self, n: int) -> bytes:
+        while self.have < n:
+            data = self.raw.read(ZSTD_FEED)
+            if not data:
+                if self.fed and not self.frame.eof:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                break
+            while data:
+                if self.frame.eof:  # the previous frame ended: what follows starts a new one
+                    self.frame, self.fed = self.new(), 0
+                self.fed += len(data)
+                piece = self.frame.decompress(data)
+                if piece:
+                    self.out.append(piece)
+                    self.have += len(piece)
+                data = self.frame.unused_data if self.frame.eof else b""
+        joined = b"".join(self.out)
+        rest = joined[n:]
+        self.out, self.have = [rest] if rest else [], len(rest)
+        return joined[:n]
+
+
 @contextmanager
 def _raw_stream(path: str, compression: Optional[str]):
     """(decompressed binary stream, the underlying file, for progress) of a file."""
@@ -91,13 +149,36 @@ def _raw_stream(path: str, compression: Optional[str]):
         if compression == ".gz":
             with gzip.GzipFile(fileobj=f) as z:
                 yield z, f
-        elif compression == ".zst":
-            import zstandard
-
-            with zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=False) as z:
+        elif compression == ".bz2":
+            with bz2.BZ2File(f) as z:
                 yield z, f
+        elif compression == ".xz":
+            with lzma.LZMAFile(f) as z:
+                yield z, f
+        elif compression == ".zst":
+            yield _ZstdStream(f), f
         else:
             yield f, f
+
+
+def _decompress_errors():
+    """What the decompressors raise for damaged data (zlib.error, LZMAError and ZstdError are not OSErrors)."""
+    try:
+        from zstandard import ZstdError
+    except ImportError:  # no zstandard: no .zst file is read (text_blocks says which package to install)
+        ZstdError = zlib.error
+    return EOFError, OSError, zlib.error, lzma.LZMAError, ZstdError
+
+
+def _damaged(path: str, compression: str, raw, e: Exception) -> UserError:
+    """The one-line error of a compressed stream that cannot be read to its end marker."""
+    name, size = COMPRESSIONS[compression], os.fstat(raw.fileno()).st_size
+    if isinstance(e, EOFError):
+        return UserError(f"{path}: truncated: its {name} data end at byte {size:,} before the end-of-stream marker "
+                         "(the file was cut short): nothing was built from it; re-download or re-compress it")
+    detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    return UserError(f"{path}: corrupt {name} data near byte {raw.tell():,} of {size:,} ({detail}): nothing was "
+                     "built from it; re-download or re-compress it")
 
 
 class _Counted:
@@ -117,19 +198,28 @@ codecs.register_error("ds_mlm.count_and_replace", _Counted.handler)
 def _blocks(path: str, stats, read_bytes: int, byte_range=None) -> Iterator[Tuple[bytes, int]]:
     """(UTF-8 bytes, file bytes consumed) of a line-format file, decompressed, decoded from UTF-16/32 if need be."""
     _, compression = file_format(path)
+    damaged = _decompress_errors() if compression else ()
     with _raw_stream(path, compression) as (stream, raw):
+        def read(n: int) -> bytes:
+            try:
+                return stream.read(n)
+            except damaged as e:
+                if isinstance(e, OSError) and e.errno is not None:  # an I/O error, not the data
+                    raise
+                raise _damaged(path, compression, raw, e) from None
+
         if byte_range is not None:  # a piece of a large plain file: starts and ends right after a b"\n"
             raw.seek(byte_range[0])
         left = None if byte_range is None else byte_range[1] - byte_range[0]
         at, decoder = raw.tell(), None
         while True:
-            block = raw_block = stream.read(read_bytes if left is None else min(read_bytes, left))
+            block = raw_block = read(read_bytes if left is None else min(read_bytes, left))
             if left is not None:
                 left -= len(block)
             if decoder is None and (byte_range is None or byte_range[0] == 0):  # a UTF-16/32 byte-order mark?
-                while len(block) < 4 and (more := stream.read(4 - len(block))):
+                while len(block) < 4 and (more := read(4 - len(block))):
                     block += more
-                encoding = next((enc for bom, enc in _UNICODE_BOMS if block.startswith(bom)), None)
+                encoding = next((enc for bom, enc in UNICODE_BOMS if block.startswith(bom)), None)
                 decoder = codecs.getincrementaldecoder(encoding)("ds_mlm.count_and_replace") if encoding else False
                 if decoder:
                     stats.transcoded += 1
@@ -224,6 +314,9 @@ def _jsonl_blocks(path: str, stats, read_bytes: int, field: str):
         texts = []
         for line in lines:
             number += 1
+            if line.startswith(UTF8_BOM):  # removed and counted, as text.py does for a text file's lines
+                stats.boms += 1
+                line = line[len(UTF8_BOM):]
             if not line.strip():
                 continue
             text, why = _record_text(line, field, stats)
@@ -249,8 +342,9 @@ def _parquet_blocks(path: str, stats, field: str):
     if field not in schema.names:
         raise UserError(f"{path}: no column {field!r} (it has {', '.join(schema.names[:8])}): set --text_field")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view",
-                                                                                    lambda t: False)(kind)):
+    strings = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view", lambda t: False))
+    # a dictionary-encoded column (pandas categoricals, some writers) holds strings too: to_pylist gives str
+    if not any(is_(kind.value_type if pa.types.is_dictionary(kind) else kind) for is_ in strings):
         raise UserError(f"{path}: column {field!r} holds {kind}, not strings: set --text_field to the text column")
     bad, records, row = _BadRecords(path, stats), 0, 0
     size, rows = os.path.getsize(path), max(pf.metadata.num_rows, 1)

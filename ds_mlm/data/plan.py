@@ -8,8 +8,10 @@ size, mtime_ns and a content hash, spec.file_fingerprint) and the byte range of 
 knows from the names alone which shards it can keep. The dataset's fingerprint (the manifest's) is a sha256 of the
 sources in order, each with its shards' fingerprints: it changes when any shard would, and only then.
 
-Content hashes are reused from the previous manifest while a file's (size, mtime_ns, ctime_ns, inode, device) are
-unchanged (git's index does the same), so a rebuild of a large corpus costs a stat() per file, not a read of it.
+Content hashes (sha256 of every byte) are reused from the previous manifest while a file's (size, mtime_ns, ctime_ns,
+inode, device) are all unchanged (git's index does the same), so a rebuild of a large corpus costs a stat() per
+file, not a read of it; when any of them differs the whole file is hashed again, and its shards are rebuilt only
+if that hash (or its size or mtime) changed.
 
 Pieces: a plain (uncompressed, UTF-8) text file larger than `piece_bytes` is cut right after the first line break
 at or past every multiple of `piece_bytes`, so each piece holds whole lines and can be built by another process.
@@ -23,14 +25,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ds_mlm.data.formats import TEXT, _UNICODE_BOMS, file_format
+from ds_mlm.data.formats import TEXT, UNICODE_BOMS, file_format
 from ds_mlm.data.packing import CONCAT, LINE_BY_LINE, POLICIES
-from ds_mlm.data.spec import _file_fingerprint, special_ids, tokenizer_fingerprint
+from ds_mlm.data.spec import file_fingerprint, special_ids, tokenizer_fingerprint
 from ds_mlm.data.store import FORMAT_VERSION, store_dtype
 from ds_mlm.errors import UserError
 
 PIECE_BYTES = 1 << 30  # ~1 GiB of text per shard: minutes of tokenizing, a unit of work worth resuming
 _SEEK_BYTES = 1 << 16
+HASHED = "all"  # recorded with each identity: what its sha256 covers (before 2026-12 large files had windows only)
 
 
 @dataclass
@@ -131,12 +134,15 @@ class DatasetPlan:
 
 
 def _identity(path: str, known: Dict[str, dict]) -> dict:
+    """The file's fingerprint (spec.file_fingerprint) and stat: the recorded one while every stat signal agrees
+    with it, else a fresh hash of all its bytes (an edit keeps the size, and `touch -r` puts the mtime back, but
+    not the ctime; a copy or a `mv` over it changes the inode)."""
     st = os.stat(path)
     stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
     previous = known.get(os.path.abspath(path))
-    if previous and previous.get("stat") == stat:
+    if previous and previous.get("stat") == stat and previous.get("hashed") == HASHED:
         return previous
-    return {**_file_fingerprint(path), "stat": stat}
+    return {**file_fingerprint(path), "stat": stat, "hashed": HASHED}
 
 
 def _piece_ranges(path: str, size: int, piece_bytes: int) -> List[Optional[Tuple[int, int]]]:
@@ -146,7 +152,7 @@ def _piece_ranges(path: str, size: int, piece_bytes: int) -> List[Optional[Tuple
         return [None]
     cuts = [0]
     with open(path, "rb") as f:
-        if any(f.read(4).startswith(bom) for bom, _ in _UNICODE_BOMS):
+        if any(f.read(4).startswith(bom) for bom, _ in UNICODE_BOMS):
             return [None]  # a UTF-16/32 line break is not one b"\n"
         while cuts[-1] + piece_bytes < size:
             f.seek(cuts[-1] + piece_bytes)
