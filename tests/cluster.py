@@ -56,6 +56,13 @@ def _pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
 def netns_pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -156,9 +163,9 @@ class Cluster:
         return proc
 
     def pids(self, host: str) -> list[int]:
-        """Processes inside `host` other than its init and its sshd listener (ssh sessions count: they are the job's)."""
-        keep = {self._init[host].pid, self._sshd[host].pid if host in self._sshd else -1}
-        return [p for p in netns_pids(self.ns(host)) if p not in keep]
+        """Processes inside `host` other than its init and its sshd (the listener and its per-connection processes,
+        which end by themselves once the command they serve has ended)."""
+        return [p for p in netns_pids(self.ns(host)) if p != self._init[host].pid and _exe(p) != SSHD]
 
     def cut(self, host: str):
         """Take the host's link down: its peers get no reset, packets to and from it are dropped."""
