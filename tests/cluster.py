@@ -262,11 +262,11 @@ class Cluster:
         for key in ("id_ed25519", "hostkey"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(t / key)], check=True)
         (t / "authorized_keys").write_text((t / "id_ed25519.pub").read_text())
-        # BatchMode: never a password prompt; ServerAliveInterval: a dead peer is noticed (like a careful user's config)
+        # Only what a user's ~/.ssh/config holds for a cluster (key, known hosts): no timeouts or keep-alives, so
+        # that the product's own ssh options are what the tests exercise.
         (t / "ssh_config").write_text(
-            f"Host *\n  User root\n  IdentityFile {t}/id_ed25519\n  IdentitiesOnly yes\n  BatchMode yes\n"
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 10\n"
-            "  ServerAliveInterval 5\n  ServerAliveCountMax 3\n")
+            f"Host *\n  User root\n  IdentityFile {t}/id_ed25519\n  IdentitiesOnly yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         bin_dir = t / "bin"
         bin_dir.mkdir(exist_ok=True)
         wrapper = bin_dir / "ssh"
