@@ -63,6 +63,14 @@ def _exe(pid: int) -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped (an orphan in a host is reparented to the machine's init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def netns_pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -165,7 +173,8 @@ class Cluster:
     def pids(self, host: str) -> list[int]:
         """Processes inside `host` other than its init and its sshd (the listener and its per-connection processes,
         which end by themselves once the command they serve has ended)."""
-        return [p for p in netns_pids(self.ns(host)) if p != self._init[host].pid and _exe(p) != SSHD]
+        return [p for p in netns_pids(self.ns(host)) if p != self._init[host].pid and _exe(p) != SSHD
+                and _alive(p)]
 
     def cut(self, host: str):
         """Take the host's link down: its peers get no reset, packets to and from it are dropped."""
