@@ -27,7 +27,8 @@ PROBE = textwrap.dedent("""
     # Records, for each rank of run_mlm.py, the host it runs on and the variables the test looks for.
     import json, os, socket, sys
     if os.environ.get("RANK") is not None and sys.argv and sys.argv[0].endswith("run_mlm.py"):
-        keys = ("RANK", "MASTER_ADDR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DS_MLM_CLUSTER_MARK", "DS_ACCELERATOR")
+        keys = ("RANK", "MASTER_ADDR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DS_MLM_CLUSTER_MARK", "DS_MLM_HOME_MARK",
+                "DS_ACCELERATOR", "OMP_NUM_THREADS")
         with open(os.path.join(os.path.dirname(__file__), "rank-%s.json" % os.environ["RANK"]), "w") as f:
             json.dump({"host": socket.gethostname(), "env": {k: os.environ.get(k) for k in keys}}, f)
 """)
@@ -105,7 +106,10 @@ def shared_job(cluster, tmp_path_factory, small_corpus, bpe_tokenizer_dir, no_dr
                  "PROJECT_MAX_SEQ_LENGTH": 64, "PROJECT_BATCH_SIZE": GLOBAL_BATCH // HOSTS, "PROJECT_MAX_STEPS": STEPS,
                  "PROJECT_LOGGING_STEPS": 1, "PROJECT_SAVE_STEPS": 100, "PROJECT_LEARNING_RATE": "2e-3",
                  "PROJECT_WARMUP_STEPS": 2, "DS_CONFIG": "zero1.json"}
-    command = " ".join(f"{k}={v}" for k, v in variables.items())
+    home = root / "home"  # the user's ~/.deepspeed_env, with a comment and a blank line (launch.sh drops them)
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("# mine\nDS_MLM_HOME_MARK=from-home\n\n")
+    command = " ".join(f"{k}={v}" for k, v in {**variables, "HOME": home}.items())
     proc = cluster.run(cluster.head, f"{command} bash {REPO}/launch.sh --config_name {no_dropout_config} --bf16 false",
                        cwd=cwd, env=with_probe(cluster.env, probe), timeout=600)
     return root, proc, probe, out, cache
@@ -131,6 +135,10 @@ def test_launch_sh_on_three_hosts_over_pdsh(cluster, shared_job, reference):
     assert "launch.sh: checking the nodes of" in text
     assert f"pdsh -S -f 1024 -w {','.join(cluster.hosts)}" in text  # the real pdsh, from the head
     assert_ranks_placed(probe, cluster.hosts)
+    for record in ranks_seen(probe).values():  # launch.sh's own lines and the user's ~/.deepspeed_env reach every rank
+        assert record["env"]["DS_MLM_HOME_MARK"] == "from-home" and record["env"]["DS_ACCELERATOR"] == "cpu"
+    env_file = (out / "launch" / "deepspeed_env").read_text().splitlines()
+    assert env_file[0].startswith("OMP_NUM_THREADS=") and env_file[-3:] == DEEPSPEED_ENV.splitlines()  # yours last
     # the shared cache is built once, by the whole job; the one-process run reuses it as it is
     assert "train: built" in text and "built by 3 process(es), 0 reused" in text
     ref_proc, expected = reference
