@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_log, run
+from conftest import REPO, free_port, read_log, run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GLOBAL_BATCH, STEPS, HOSTS = 6, 4, 3
@@ -27,8 +27,8 @@ PROBE = textwrap.dedent("""
     # Records, for each rank of run_mlm.py, the host it runs on and the variables the test looks for.
     import json, os, socket, sys
     if os.environ.get("RANK") is not None and sys.argv and sys.argv[0].endswith("run_mlm.py"):
-        keys = ("RANK", "MASTER_ADDR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DS_MLM_CLUSTER_MARK", "DS_MLM_HOME_MARK",
-                "DS_ACCELERATOR", "OMP_NUM_THREADS")
+        keys = ("RANK", "MASTER_ADDR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DS_MLM_CLUSTER_MARK",
+                "DS_MLM_HOME_MARK", "DS_ACCELERATOR", "OMP_NUM_THREADS")
         with open(os.path.join(os.path.dirname(__file__), "rank-%s.json" % os.environ["RANK"]), "w") as f:
             json.dump({"host": socket.gethostname(), "env": {k: os.environ.get(k) for k in keys}}, f)
 """)
@@ -121,7 +121,7 @@ def reference(shared_job, small_corpus, bpe_tokenizer_dir, no_dropout_config):
     root, _, _, _, cache = shared_job
     out = root / "one_process"
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(__import__("ds_mlm.distributed", fromlist=["free_port"]).free_port())}
+           "MASTER_PORT": str(free_port())}
     proc = run([sys.executable, REPO / "ds_mlm" / "run_mlm.py",
                 *train_args(small_corpus, bpe_tokenizer_dir, no_dropout_config, out, cache, "zero0.json", 1)],
                env=env)

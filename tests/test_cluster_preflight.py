@@ -1,7 +1,6 @@
 """launch.sh's host preflight (ds_mlm/hosts.py) on the test cluster: each failure made real on real hosts, and each
 named in one line before any rank starts (exit status 2, no launcher run, no process on any host)."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -89,4 +88,3 @@ def test_master_unreachable_and_an_interface_a_host_lacks(cluster, job):
         f"launch.sh: error: n3: the master address {master}:29512 does not answer from this node (No route to host): "
         "set MASTER_ADDR to an address of the first node that every node reaches, and open MASTER_PORT between the "
         "nodes"]
-    assert os.environ.get("GLOO_SOCKET_IFNAME") != "ib0"  # the value came from the user's .deepspeed_env
