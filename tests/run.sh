@@ -3,8 +3,10 @@
 # prints each tier's time: fast (`-m "not slow"`, the one-minute loop), integration (launchers, several processes,
 # faults) and cluster (real hosts in network namespaces; they skip, saying why, where the machine cannot host them).
 # Extra arguments run one pytest over tests/ with them instead, e.g. `bash tests/run.sh -k packing -x`.
+# As root, the Debian packages of the cluster tier are installed first where missing (scripts/cluster_packages.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/scripts/cluster_packages.sh"
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 py=("$root/.venv/bin/python" -m pytest tests)
