@@ -38,6 +38,7 @@ of packing everything at once, whatever the chunks.
 """
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import numpy as np
 from numba import njit
@@ -345,7 +346,7 @@ class Packer:
 
     def __init__(self, datasets_type: str, block_size: int, bos_id: int, eos_id: int, sep_id: int,
                  long_sentence: str = "split", dtype=np.uint32, packing: str = "best_fit",
-                 window: int = BEST_FIT_WINDOW):
+                 window: Optional[int] = None):
         if datasets_type not in (CONCAT, LINE_BY_LINE):
             raise ValueError(f"unknown datasets_type {datasets_type!r}: use {CONCAT} or {LINE_BY_LINE}")
         if long_sentence not in POLICIES:
@@ -354,6 +355,7 @@ class Packer:
             raise ValueError(f"unknown packing {packing!r}: use one of {', '.join(PACKINGS)}")
         if block_size < 3:
             raise ValueError(f"block_size {block_size} cannot hold <s>, one id and </s>")
+        window = BEST_FIT_WINDOW if window is None else window  # looked up now: a test may set a small one
         if window < 1:
             raise ValueError(f"best-fit window {window} must hold at least one sentence")
         self.concat = datasets_type == CONCAT
@@ -395,7 +397,7 @@ class Packer:
 
 
 def pack_full_sentences(tokens, offsets, block_size, bos_id, eos_id, sep_id, long_sentence="split",
-                        packing="best_fit", window=BEST_FIT_WINDOW):
+                        packing="best_fit", window=None):
     """Pack all sentences at once: (block_tokens, block_offsets, stats); see the module docstring."""
     packer = Packer(CONCAT, block_size, bos_id, eos_id, sep_id, long_sentence, dtype=np.asarray(tokens).dtype,
                     packing=packing, window=window)
