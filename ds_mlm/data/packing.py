@@ -185,12 +185,27 @@ def _highest_at_most(bits, limit):
     word = bits[w]
     if b < 63:
         word &= (np.uint64(1) << np.uint64(b + 1)) - np.uint64(1)
+    zero = np.uint64(0)
     while True:
-        if word != 0:
-            hi = 0
-            for shift in (32, 16, 8, 4, 2, 1):  # binary search for the top bit
-                if word >> np.uint64(hi + shift) != 0:
-                    hi += shift
+        if word != zero:
+            hi = 0  # binary search for the top bit
+            if word >> np.uint64(32) != zero:
+                word >>= np.uint64(32)
+                hi += 32
+            if word >> np.uint64(16) != zero:
+                word >>= np.uint64(16)
+                hi += 16
+            if word >> np.uint64(8) != zero:
+                word >>= np.uint64(8)
+                hi += 8
+            if word >> np.uint64(4) != zero:
+                word >>= np.uint64(4)
+                hi += 4
+            if word >> np.uint64(2) != zero:
+                word >>= np.uint64(2)
+                hi += 2
+            if word >> np.uint64(1) != zero:
+                hi += 1
             return w * 64 + hi
         w -= 1
         if w < 0:
@@ -274,7 +289,13 @@ def _pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, c
             room -= c
             c = _highest_at_most(bits, room)
             first = head[c] if c >= 0 else -1
-        members[:k].sort()  # corpus order inside the block (pieces are numbered in corpus order)
+        for t in range(1, k):  # corpus order inside the block (pieces are numbered in corpus order); k is small
+            p = members[t]
+            u = t - 1
+            while u >= 0 and members[u] > p:
+                members[u + 1] = members[u]
+                u -= 1
+            members[u + 1] = p
         out_offsets[nb] = pos
         out[pos] = bos
         pos += 1
