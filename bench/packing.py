@@ -229,7 +229,7 @@ def main():
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--sentences", type=int, default=1_000_000)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"load average before: {load()} (2 shared cores)")
     with tempfile.TemporaryDirectory() as tmp:
