@@ -225,8 +225,10 @@ def reference_best_fit(sentences, block_size, policy, window):
     pieces, cap = pieces_of(sentences, block_size, policy), block_size - 1
     waiting, blocks, members = [], [], []
 
-    def one_block():
-        chosen = [waiting.pop(0)]
+    def one_block(draining=False):
+        oldest_longest = max(waiting, key=lambda p: (len(pieces[p]), -p)) if draining else waiting[0]
+        waiting.remove(oldest_longest)
+        chosen = [oldest_longest]
         room = cap - len(pieces[chosen[0]]) - 1
         while True:
             fits = [p for p in waiting if len(pieces[p]) + 1 <= room]
@@ -248,7 +250,7 @@ def reference_best_fit(sentences, block_size, policy, window):
         if i - waiting[0] + 1 >= window:
             one_block()
     while waiting:
-        one_block()
+        one_block(draining=True)
     return blocks, members
 
 

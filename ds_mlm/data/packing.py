@@ -28,7 +28,9 @@ Two ways to fill the blocks of full sentences (`packing`):
     none fits; its sentences are then written in corpus order. So a block's sentences all lie within
     BEST_FIT_WINDOW consecutive sentences, every sentence is kept (as the long-sentence policy says: "skip" just
     drops the long one here), and blocks come out in the order of their first sentence. At the end of a shard the
-    window is emptied block by block the same way. The layout of a block is the same as above. A sentence costs its
+    window is emptied block by block the same way, except that each block opens with the longest sentence waiting
+    (first-fit-decreasing on what is left: the oldest rule would leave the long ones for last, without small ones
+    to fill their blocks). The layout of a block is the same as above. A sentence costs its
     ids + 1 (its separator, or for the first one </s>), a block holds block_size - 1 of that.
 
 Streaming: `Packer.feed` packs one chunk at a time and carries what is unfinished into the next call (sequential:
@@ -258,7 +260,8 @@ def _pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, c
     waiting = 0
     j = 0
     while True:
-        if j < m:  # one more piece enters the window
+        draining = j >= m
+        if not draining:  # one more piece enters the window
             c = length[j] + 1
             if tail[c] < 0:
                 head[c] = j
@@ -272,11 +275,16 @@ def _pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, c
                 continue
         elif not final or waiting == 0:
             break
-        # one block: the oldest waiting piece, then the longest that fits, again and again
+        # one block: the oldest waiting piece (the longest, once the shard's last piece is in), then the longest
+        # that fits, again and again
         k = 0
         room = cap
-        c = length[oldest] + 1
-        first = oldest
+        if not draining:
+            c = length[oldest] + 1
+            first = oldest
+        else:  # emptying the window: nothing waits for a later piece, so the longest go first (decreasing)
+            c = _highest_at_most(bits, cap)
+            first = head[c]
         while first >= 0:
             head[c] = after[first]
             if head[c] < 0:
