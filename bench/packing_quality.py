@@ -8,8 +8,9 @@ of lines are held out. The training lines are packed twice (best fit, sequential
 weights train side by side, a step of one then a step of the other (so machine noise hits both alike), each on
 random batches of its own blocks (same seed), fwd + bwd + AdamW (lr 5e-4, 5 % warm-up, linear decay); each micro-batch
 as wide as its longest block, as the loader makes them. Every --eval-every steps both are evaluated (not timed).
-Printed: eval loss at equal steps, and at equal wall time (each run's eval loss at the last evaluation whose
-training time is within the shorter run's total), with the tokens each run saw. The load average is printed.
+Printed: eval loss at equal steps, and at equal wall time (the shorter run's total training time; the longer run's
+eval loss interpolated linearly between its two evaluations around it), with the tokens each run saw. The load
+average is printed.
 """
 
 import argparse
@@ -108,9 +109,9 @@ def main():
     for (step, _, tb, lb), (_, _, ts, ls) in zip(history["best_fit"], history["sequential"]):
         print(f"  {step:5d}: {lb:.4f} | {ls:.4f}   ({tb:,} | {ts:,} tokens)")
     budget = min(seconds.values())
-    at = {p: [h for h in history[p] if h[1] <= budget * 1.001][-1] for p in PACKINGS}
-    print(f"eval loss at equal wall time (<= {budget:.1f} s of training): best fit {at['best_fit'][3]:.4f} "
-          f"(step {at['best_fit'][0]}) | sequential {at['sequential'][3]:.4f} (step {at['sequential'][0]})")
+    at = {p: float(np.interp(budget, [h[1] for h in history[p]], [h[3] for h in history[p]])) for p in PACKINGS}
+    print(f"eval loss at equal wall time ({budget:.1f} s of training, the shorter run's; the longer run's loss "
+          f"interpolated between its evaluations): best fit {at['best_fit']:.4f} | sequential {at['sequential']:.4f}")
     print(f"training seconds: best fit {seconds['best_fit']:.1f}, sequential {seconds['sequential']:.1f}; "
           f"final eval loss best fit - sequential: {history['best_fit'][-1][3] - history['sequential'][-1][3]:+.4f}")
     print(f"load average after: {load()}")
