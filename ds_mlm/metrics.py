@@ -48,11 +48,13 @@ def all_reduce_sum(values: list, device) -> list:
     return distributed.all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
-def train_fill(dataset, seq_length: int) -> float:
-    """Ids / positions at seq_length of every sample of `dataset` (one store, or a Mixture of them: `sources`)."""
+def train_fill(dataset, seq_length: int):
+    """Ids / positions at seq_length of every sample of `dataset` (one store, or a Mixture of them: `sources`);
+    None for a dataset that does not count its ids (`num_tokens`)."""
     stores = getattr(dataset, "sources", None) or [dataset]
-    tokens = sum(int(getattr(s, "num_tokens", 0)) for s in stores)
-    return tokens / max(sum(len(s) for s in stores) * seq_length, 1)
+    if not all(hasattr(s, "num_tokens") for s in stores):
+        return None
+    return sum(int(s.num_tokens) for s in stores) / max(sum(len(s) for s in stores) * seq_length, 1)
 
 
 def perplexity(loss: float) -> float:

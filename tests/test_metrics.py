@@ -79,6 +79,7 @@ def test_train_fill_is_ids_over_positions_of_one_store_or_all_sources():
         sources = [Store([128, 64]), Store([32])]
 
     assert train_fill(Mix(), 128) == pytest.approx(224 / 384)  # every sample of every source, unweighted
+    assert train_fill([[0, 5, 2]], 128) is None  # a plain list of samples: unknown, not 0
 
 
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
