@@ -21,6 +21,7 @@ ARCHITECTURES = ("roberta-tiny", "roberta-base", "roberta-large")
 DATASET_TYPES = ("MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset")
 LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
 VERIFY_POLICIES = ("once", "always", "never")
+PACKINGS = ("best_fit", "sequential")  # data/packing.py's, not imported: --help stays light
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -77,6 +78,7 @@ class DataArguments:
     datasets_type: str = arg("MemmapConcatFullSentenceTextDataset", f"How lines become samples: {' or '.join(DATASET_TYPES)}.")
     whole_word_mask: bool = arg(False, "Mask whole words (a word-start token and the pieces after it) instead of single tokens.")
     long_sentence: str = arg("split", "A line longer than one block: split (keep every token), skip (the ancestor: close the open block, drop the line), or truncate.")
+    packing: str = arg("best_fit", "How whole sentences fill the blocks of MemmapConcatFullSentenceTextDataset: best_fit (each block filled by best fit within a window of consecutive sentences, kept in corpus order; fuller blocks) or sequential (the ancestor's greedy packer).")
     overwrite_cache: bool = arg(False, "Rebuild the token datasets even if they match the inputs.")
     verify_data: str = arg("once", f"Check the token data against their checksums: {', '.join(VERIFY_POLICIES)} (once: the first time each node opens a shard).")
     tokenize_chunksize: int = arg(2500, "Lines per tokenization chunk (memory use of the build scales with this).")
@@ -96,6 +98,8 @@ class DataArguments:
             raise UserError(f"unknown --datasets_type {self.datasets_type!r}: use {' or '.join(DATASET_TYPES)}")
         if self.long_sentence not in LONG_SENTENCE_POLICIES:
             raise UserError(f"unknown --long_sentence {self.long_sentence!r}: use one of {', '.join(LONG_SENTENCE_POLICIES)}")
+        if self.packing not in PACKINGS:
+            raise UserError(f"unknown --packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
         if self.verify_data not in VERIFY_POLICIES:
             raise UserError(f"unknown --verify_data {self.verify_data!r}: use one of {', '.join(VERIFY_POLICIES)}")
         if not 0.0 < self.mlm_probability < 1.0:

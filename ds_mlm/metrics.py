@@ -7,7 +7,7 @@ Every `--logging_steps` optimizer steps one record goes to three places, all fro
     (+ "loss_scale" under fp16); an evaluation adds {"step": 12, "eval_loss": ..., "perplexity": ...}.
     On resume the file is cut back to its length at the checkpoint, so the steps redone are not logged twice.
   - TensorBoard under `--logging_dir`: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/samples_per_s,
-    train/loss_scale, eval/loss, eval/perplexity (x axis: optimizer step).
+    train/padding, train/loss_scale, data/train_fill, eval/loss, eval/perplexity (x axis: optimizer step).
   - one line on stdout.
 
 "loss" is the cross-entropy per masked token over the window and over all ranks (sums all-reduced), the number a
@@ -16,6 +16,9 @@ was taken with; throughput counts all ranks' input tokens (padding excluded) and
 time (evaluations and saves excluded); "tflops" is the model FLOPs of all ranks' micro-batches (flops.py, one
 formula) / window seconds / world size / 1e12: achieved TFLOP/s per device, and "mfu" = tflops / the device's dense
 peak (where known); "data_wait" is the share of the window the training loop waited for its next batch (rank 0's);
+"padding" is the share of the positions the model computed in the window that were padding (all ranks' micro-batches,
+each as wide as its longest sample: rows x width), and "train_fill", in the first record of a run only, the training
+set's ids / positions at --max_seq_length (what packing achieved, padding to full length before batching);
 "peak_memory_gib" is rank 0's largest CUDA allocation so far (torch.cuda.max_memory_allocated; CUDA only). With several
 training sources, "samples_by_source" counts each source's samples since the start of training; with several
 evaluation sources, "eval_loss/<dir>" and "perplexity/<dir>" are each one's (TensorBoard: eval/<dir>/loss).
@@ -36,13 +39,22 @@ log = logging.getLogger(__name__)
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "samples_per_s": "train/samples_per_s",
                     "data_wait": "train/data_wait", "tflops": "train/tflops", "mfu": "train/mfu",
-                    "peak_memory_gib": "train/peak_memory_gib", "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
+                    "peak_memory_gib": "train/peak_memory_gib", "padding": "train/padding", "train_fill": "data/train_fill", "loss_scale": "train/loss_scale", "eval_loss": "eval/loss", "perplexity": "eval/perplexity"}
 LOG_FILE = "train_log.jsonl"
 
 
 def all_reduce_sum(values: list, device) -> list:
     """Element-wise sum of a list of floats over all ranks (float64, so sums of many losses stay exact enough)."""
     return distributed.all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def train_fill(dataset, seq_length: int):
+    """Ids / positions at seq_length of every sample of `dataset` (one store, or a Mixture of them: `sources`);
+    None for a dataset that does not count its ids (`num_tokens`)."""
+    stores = getattr(dataset, "sources", None) or [dataset]
+    if not all(hasattr(s, "num_tokens") for s in stores):
+        return None
+    return sum(int(s.num_tokens) for s in stores) / max(sum(len(s) for s in stores) * seq_length, 1)
 
 
 def perplexity(loss: float) -> float:
@@ -55,7 +67,7 @@ def perplexity(loss: float) -> float:
 class Window:
     """Sums over this rank's micro-batches since the last log; `summary()` reduces them over ranks (a collective)."""
 
-    FIELDS = ("loss_sum", "masked", "tokens", "samples", "flops")
+    FIELDS = ("loss_sum", "masked", "tokens", "samples", "flops", "positions")
 
     def __init__(self, device):
         self.device = device
@@ -63,7 +75,7 @@ class Window:
 
     def reset(self):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per step
-        self.masked = self.tokens = self.samples = 0
+        self.masked = self.tokens = self.samples = self.positions = 0
         self.waited = self.flops = 0.0
         self.started = time.perf_counter()
 
@@ -71,17 +83,20 @@ class Window:
         """A micro-batch's summed cross-entropy (a device tensor: adding it costs no synchronisation)."""
         self.loss_sum += loss_sum.detach().double()
 
-    def add_step(self, masked: int, tokens: int, samples: int, waited: float, flops: float = 0.0) -> None:
-        """A step's masked tokens, input tokens, samples and model FLOPs on this rank, and the seconds the loop waited
-        for them."""
+    def add_step(self, masked: int, tokens: int, samples: int, waited: float, flops: float = 0.0,
+                 positions: int = 0) -> None:
+        """A step's masked tokens, input tokens, samples and model FLOPs on this rank, the seconds the loop waited
+        for them, and the positions its micro-batches computed (rows x width each: tokens + padding)."""
         self.masked += masked
         self.tokens += tokens
         self.samples += samples
         self.waited += waited
         self.flops += flops
+        self.positions += positions
 
     def _reduced(self) -> list:
-        return all_reduce_sum([self.loss_sum.item(), self.masked, self.tokens, self.samples, self.flops], self.device)
+        return all_reduce_sum([self.loss_sum.item(), self.masked, self.tokens, self.samples, self.flops,
+                               self.positions], self.device)
 
     def state_dict(self) -> dict:
         """The window's sums over every rank (a collective), saved once in a checkpoint: a resume mid-window, on any
@@ -96,15 +111,17 @@ class Window:
             self.loss_sum.fill_(state["loss_sum"])
             self.masked, self.tokens, self.samples = (int(state[k]) for k in ("masked", "tokens", "samples"))
             self.waited, self.flops = state.get("waited", 0.0), state.get("flops", 0.0)
+            self.positions = int(state.get("positions", 0))  # absent from checkpoints written before it was kept
         self.started = time.perf_counter() - state.get("seconds", 0.0)  # its tokens took that long before the stop
 
     def summary(self, world_size: int = 1) -> dict:
-        loss_sum, masked, tokens, samples, flops = self._reduced()
+        loss_sum, masked, tokens, samples, flops, positions = self._reduced()
         seconds = max(time.perf_counter() - self.started, 1e-9)
         waited = self.waited
         self.reset()
         return {"loss": loss_sum / max(masked, 1), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
-                "tflops": flops / seconds / world_size / 1e12, "data_wait": min(waited / seconds, 1.0)}
+                "tflops": flops / seconds / world_size / 1e12, "data_wait": min(waited / seconds, 1.0),
+                "padding": 1.0 - tokens / positions if positions else None}
 
 
 class MetricsWriter:
@@ -177,7 +194,7 @@ def format_record(record: dict) -> str:
             parts.append(f"lr {value:.3e}")
         elif key in ("tokens_per_s", "samples_per_s"):
             parts.append(f"{key} {value:,.0f}")
-        elif key == "data_wait":
+        elif key in ("data_wait", "padding", "train_fill"):
             parts.append(f"{key} {value:.1%}")
         else:
             parts.append(f"{key} {value:.4f}")

@@ -184,7 +184,8 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
     """(train dataset: a Mixture of the train sources, {eval source: dataset} or None); see the module docstring."""
     sources = _sources(data_args)
     options = BuildOptions(block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
-                           long_sentence=data_args.long_sentence, text_field=data_args.text_field)
+                           long_sentence=data_args.long_sentence, text_field=data_args.text_field,
+                           packing=data_args.packing)
     preflight.writable_dir(cache_dir, "--datasets_cache_dir")  # a real write: its error says why
     paths = {split: os.path.join(cache_dir, split) for split in sources}
     older = {split: check_replaceable(path) for split, path in paths.items()}  # a foreign directory: fail now

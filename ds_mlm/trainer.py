@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ds_mlm.flops import train_flops
-from ds_mlm.metrics import MetricsWriter, Window, all_reduce_sum, format_record, perplexity
+from ds_mlm.metrics import MetricsWriter, Window, all_reduce_sum, format_record, perplexity, train_fill
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 1234  # one masking of the eval set for every evaluation of every run: numbers stay comparable
@@ -140,7 +140,8 @@ class Trainer:
                 engine.step()
                 self.window.add_loss(loss_sum)
             flops = sum(train_flops(engine.module.config, *shape) for shape in step.shapes)
-            self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds, flops)
+            self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds, flops,
+                                 sum(rows * width for rows, width, _ in step.shapes))
             self.loader.wait_seconds = 0.0
             self.global_step, self.position = engine.global_steps, step.position
             if step.source_counts is not None:
@@ -188,7 +189,9 @@ class Trainer:
             record["mfu"] = summary["tflops"] / self.plan.peak_tflops
         if self.engine.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
-        record["data_wait"] = summary["data_wait"]
+        record["data_wait"], record["padding"] = summary["data_wait"], summary["padding"]
+        if self.writer.file is None:  # the run's first record: what packing achieved on the training set
+            record["train_fill"] = train_fill(self.loader.dataset, self.plan.seq_length)
         if self.plan.precision == "fp16":
             opt = self.engine.optimizer
             record["loss_scale"] = _float_or_none(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None))

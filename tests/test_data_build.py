@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from ds_mlm.data import (ConcatDataset, DatasetSpec, MemmapConcatFullSentenceTextDataset, MemmapLineByLineTextDataset,
                          PaddedDataset, StaleCacheError, ensure_store, list_text_files, open_store,
                          pack_full_sentences, pack_lines)
+from ds_mlm.data import packing as packing_module
 from ds_mlm.data.manifest import MANIFEST, SHARDS, read_manifest
 from ds_mlm.data.spec import separator_id
 from ds_mlm.data.store import DATA, INDEX
@@ -101,11 +102,43 @@ def test_the_store_holds_the_tokenizers_ids_packed(tmp_path, tokenizer, small_co
     assert f"{blocks_total:,} of at most 64 ids" in report.format()
 
 
-def test_workers_and_chunk_size_do_not_change_a_byte(tmp_path, tokenizer, sample_dirs):
-    spec = DatasetSpec(list_text_files(str(sample_dirs[1]), "txt"), tokenizer, 128)
-    ensure_store(spec, str(tmp_path / "one"), num_workers=1, chunk_size=2500)
-    ensure_store(spec, str(tmp_path / "two"), num_workers=2, chunk_size=7)
+@pytest.mark.parametrize("packing, window", [("best_fit", None), ("best_fit", 16), ("sequential", None)])
+def test_workers_and_chunk_size_do_not_change_a_byte(tmp_path, tokenizer, sample_dirs, monkeypatch, packing, window):
+    if window:  # a window smaller than a chunk and than a file: it slides across chunk boundaries
+        monkeypatch.setattr(packing_module, "BEST_FIT_WINDOW", window)
+    spec = DatasetSpec(list_text_files(str(sample_dirs[1]), "txt"), tokenizer, 128, packing=packing)
+    one = ensure_store(spec, str(tmp_path / "one"), num_workers=1, chunk_size=2500)
+    two = ensure_store(spec, str(tmp_path / "two"), num_workers=2, chunk_size=7)
     assert store_bytes(tmp_path / "one") == store_bytes(tmp_path / "two")
+    assert one.pack == two.pack and one.pack.tokens > 0
+
+
+def test_best_fit_fills_the_stored_blocks_and_the_report_says_so_per_shard(tmp_path, tokenizer, sample_dirs):
+    files = list_text_files(str(sample_dirs[0]), "txt")
+    reports = {packing: ensure_store(DatasetSpec(files, tokenizer, 128, packing=packing), str(tmp_path / packing))
+               for packing in ("sequential", "best_fit")}
+    best, seq = reports["best_fit"], reports["sequential"]
+    assert best.pack.tokens == seq.pack.tokens and best.pack.dropped_tokens == 0  # every token kept
+    assert best.pack.blocks < seq.pack.blocks and best.mean_fill > seq.mean_fill
+    store = open_store(str(tmp_path / "best_fit"))
+    assert best.mean_fill == pytest.approx(store.num_tokens / (len(store) * 128))  # the report's fill is the store's
+    text = best.format()
+    assert f"mean fill {best.mean_fill:.1%}" in text and "best_fit packing" in text
+    for name, stats in best.shard_stats.items():  # one line per shard, its own fill
+        assert f"{name}: {stats.blocks:,} samples, fill {stats.block_tokens / (stats.blocks * 128):.1%}" in text
+    assert len(best.shard_stats) == len(best.built) == len(files)
+
+
+def test_the_packing_is_in_the_fingerprint(tokenizer, small_corpus):
+    files = list_text_files(str(small_corpus[0]), "txt")
+    spec = lambda **kw: DatasetSpec(files, tokenizer, 64, **kw)
+    best, seq = spec(packing="best_fit"), spec(packing="sequential")
+    assert best.fingerprint() != seq.fingerprint() and spec().fingerprint() == best.fingerprint()  # the default
+    assert {s.name for s in best.plan().shards}.isdisjoint(s.name for s in seq.plan().shards)
+    assert spec(datasets_type=LINES, packing="best_fit").fingerprint() == \
+        spec(datasets_type=LINES, packing="sequential").fingerprint()  # packing changes nothing line by line
+    with pytest.raises(UserError, match="unknown packing"):
+        spec(packing="first_fit")
 
 
 def test_the_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, tokenizer, bpe_tokenizer_dir,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ds_mlm.metrics import LOG_FILE, MetricsWriter, Window, format_record, perplexity
+from ds_mlm.metrics import LOG_FILE, MetricsWriter, Window, format_record, perplexity, train_fill
 
 
 def read_scalars(logdir) -> dict:
@@ -23,7 +23,8 @@ def test_window_is_per_masked_token_and_restores_on_its_holder_only():
         w.add_step(masked=masked, tokens=100, samples=2, waited=0.5, flops=1e14)
     saved = w.state_dict()
     seconds = saved.pop("seconds")
-    assert saved == {"loss_sum": 90.0, "masked": 40, "tokens": 300, "samples": 6, "flops": 3e14, "waited": 1.5}
+    assert saved == {"loss_sum": 90.0, "masked": 40, "tokens": 300, "samples": 6, "flops": 3e14, "positions": 0,
+                     "waited": 1.5}
     assert seconds >= 0
     other = Window(torch.device("cpu"))
     other.load_state_dict({**saved, "seconds": 1000.0}, holder=True)  # the window had run 1000 s before the stop
@@ -35,10 +36,50 @@ def test_window_is_per_masked_token_and_restores_on_its_holder_only():
     assert other.summary(world_size=4)["tflops"] == 0.0  # reset; per device: divided by the ranks
     after = other.state_dict()
     assert after.pop("seconds") < 1.0  # reset: a new window starts now
-    assert after == {"loss_sum": 0.0, "masked": 0, "tokens": 0, "samples": 0, "flops": 0.0, "waited": 0.0}
+    assert after == {"loss_sum": 0.0, "masked": 0, "tokens": 0, "samples": 0, "flops": 0.0, "positions": 0,
+                     "waited": 0.0}
     not_holder = Window(torch.device("cpu"))
     not_holder.load_state_dict({**saved, "seconds": 10.0}, holder=False)  # another rank: the sums are rank 0's
     assert not_holder.masked == 0 and not_holder.loss_sum.item() == 0.0
+
+
+def test_padding_is_the_share_of_computed_positions_and_survives_a_resume(tmp_path):
+    w = Window(torch.device("cpu"))
+    assert w.summary()["padding"] is None  # nothing computed: no share to report
+    w.add_step(masked=5, tokens=90, samples=2, waited=0.0, positions=2 * 64)  # two rows of width 64
+    w.add_step(masked=5, tokens=120, samples=1, waited=0.0, positions=128)
+    saved = w.state_dict()
+    assert saved["positions"] == 256
+    resumed = Window(torch.device("cpu"))
+    resumed.load_state_dict(saved, holder=True)
+    assert resumed.summary()["padding"] == pytest.approx(1 - 210 / 256)
+    older = {k: v for k, v in saved.items() if k != "positions"}  # a checkpoint written before the field existed
+    resumed.load_state_dict(older, holder=True)
+    assert resumed.positions == 0
+    w = MetricsWriter(str(tmp_path / "out"), str(tmp_path / "runs"), rank=0)
+    w.write({"step": 3, "loss": 7.0, "padding": 0.25, "train_fill": 0.98})
+    w.close()
+    scalars = read_scalars(tmp_path / "runs")
+    assert scalars["train/padding"] == [(3, 0.25)] and scalars["data/train_fill"][0][1] == pytest.approx(0.98)
+    assert "padding 25.0%" in format_record({"step": 3, "padding": 0.25})
+
+
+class Store:
+    def __init__(self, sizes):
+        self.sizes, self.num_tokens = sizes, sum(sizes)
+
+    def __len__(self):
+        return len(self.sizes)
+
+
+def test_train_fill_is_ids_over_positions_of_one_store_or_all_sources():
+    assert train_fill(Store([128, 64]), 128) == pytest.approx(192 / 256)
+
+    class Mix:
+        sources = [Store([128, 64]), Store([32])]
+
+    assert train_fill(Mix(), 128) == pytest.approx(224 / 384)  # every sample of every source, unweighted
+    assert train_fill([[0, 5, 2]], 128) is None  # a plain list of samples: unknown, not 0
 
 
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -138,6 +139,16 @@ def test_two_processes_build_each_shard_exactly_once(tmp_path, bpe_tokenizer_dir
     manifest = json.loads((tmp_path / "out" / "datasets_cache" / "train" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["sources"][0]["shards"]] == sorted(n for sp, n in names if sp == "train")
     assert "rank 1: train: tokenized" in proc.stdout + proc.stderr  # the member's own report
+    from transformers import AutoTokenizer
+
+    from ds_mlm.data import DatasetSpec, ensure_store, list_input_files, open_store
+
+    one = tmp_path / "one-process"  # best fit (the default) gives the same samples built by one process
+    ensure_store(DatasetSpec(list_input_files(str(train), "txt"), AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir)),
+                             64), str(one))
+    two, ref = open_store(str(tmp_path / "out" / "datasets_cache" / "train")), open_store(str(one))
+    assert len(two) == len(ref) and all(np.array_equal(a, b) for a, b in zip(two.__getitems__(range(len(two))),
+                                                                                ref.__getitems__(range(len(ref)))))
 
 
 @pytest.mark.slow

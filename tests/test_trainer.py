@@ -138,6 +138,9 @@ def test_resume_inside_a_logging_window_in_process(tmp_path, data, world_of_one,
 
     assert [s for s, *_ in numbers(tmp_path / "a" / "out")] == [2, 4, 6, 8]
     assert numbers(tmp_path / "b" / "out") == numbers(tmp_path / "a" / "out")
+    padding = [r["padding"] for r in read_log(tmp_path / "a" / "out")]
+    assert all(0.0 <= p < 1.0 for p in padding)  # the window's positions (rows x width) survive the resume too:
+    assert [r["padding"] for r in read_log(tmp_path / "b" / "out")] == padding
 
 
 # -- through the real launcher: 2 ranks, ZeRO-2, a crash, a resume ------------------------------------------------

@@ -4,7 +4,7 @@
     text.py      clean lines out of those bytes, in bounded memory (BOMs, CRLF, invalid UTF-8, huge lines counted)
     spec.py      fingerprints of input files and tokenizers, and how a tokenizer is asked for ids
     plan.py      a dataset's sources and shards (one per file or piece), their fingerprints, balanced shares
-    packing.py   numba kernels packing sentences into samples (full sentences, or line by line), streaming-exact
+    packing.py   numba kernels packing sentences into samples (best fit or sequential, or line by line), streaming-exact
     store.py     one shard on disk (data.bin + data.idx, checksummed), its atomic writer and zero-copy reader
     workers.py   the tokenizer worker processes: ordered results, ended by any error or signal
     build.py     build_shards / ensure_dataset: the pipelined, multi-process, resumable build and its report

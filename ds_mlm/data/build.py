@@ -45,6 +45,12 @@ CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1
 MIN_CHUNK_CHARS = 64 << 10  # ... or after ~1/(8 x workers) of a small shard (bytes / chars), so every worker gets parts
 
 _TOKENIZER = None  # set before the pool forks: workers inherit the tokenizer instead of unpickling it
+SHARD_LINES = 20  # a report lists at most this many shards (the least full): a corpus of 10,000 files stays readable
+
+
+def fill(stats: PackStats, block_size: int) -> float:
+    """Ids stored / positions of the samples at block_size: the share of a full-length batch that is not padding."""
+    return stats.block_tokens / max(stats.blocks * block_size, 1)
 
 
 @dataclass
@@ -69,6 +75,10 @@ class BuildReport:
     """Names of the shards built."""
     reused: int = 0
     """Shards that were already there and sound."""
+    packing: str = "best_fit"
+    """How sentences filled the blocks (packing.py)."""
+    shard_stats: Dict[str, PackStats] = field(default_factory=dict)
+    """Counts of packing of each shard built, by name (its fill: `fill(stats, block_size)`)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,8 +86,16 @@ class BuildReport:
 
     @property
     def mean_fill(self) -> float:
-        """Mean share of block_size a sample fills."""
-        return self.pack.block_tokens / max(self.pack.blocks * self.block_size, 1)
+        """Mean share of block_size a sample fills: ids stored / positions of the samples at block_size."""
+        return fill(self.pack, self.block_size)
+
+    def shard_lines(self, most: int = SHARD_LINES) -> List[str]:
+        """One line per shard built (the `most` least full of them when there are more)."""
+        order = sorted(self.shard_stats.items(), key=lambda kv: (fill(kv[1], self.block_size), kv[0]))
+        lines = [f"    {name}: {s.blocks:,} samples, fill {fill(s, self.block_size):.1%}" for name, s in order[:most]]
+        if len(order) > most:
+            lines.append(f"    ... and {len(order) - most:,} more shard(s), fuller")
+        return lines
 
     def format(self) -> str:
         r, p = self.read, self.pack
@@ -91,7 +109,9 @@ class BuildReport:
             f"UTF-16/32",
             f"  records (JSONL/Parquet): {r.records:,} read, {r.bad_records:,} bad skipped",
             f"  sentences: {p.sentences:,} ({p.empty:,} empty after tokenization, ignored), tokens: {p.tokens:,}",
-            f"  samples: {p.blocks:,} of at most {self.block_size} ids, mean fill {self.mean_fill:.1%}",
+            f"  samples: {p.blocks:,} of at most {self.block_size} ids, mean fill {self.mean_fill:.1%} (ids / "
+            f"positions at {self.block_size}; {self.packing} packing), per shard built:",
+            *self.shard_lines(),
             f"  longer than a sample: {p.split:,} split, {p.skipped:,} skipped, {p.truncated:,} truncated "
             f"({p.dropped_tokens:,} tokens lost)",
         ])
@@ -156,7 +176,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
     workers = num_workers or len(os.sched_getaffinity(0))
     bos, eos = special_ids(tokenizer)
     sep = separator_id(tokenizer) if options.datasets_type == CONCAT else eos
-    read, pack, built = ReadStats(), PackStats(), []
+    read, pack, built, shard_stats = ReadStats(), PackStats(), [], {}
     progress = tqdm(total=sum(s.input_bytes for s in shards), unit="B", unit_scale=True, file=sys.stderr,
                     desc=f"tokenizing {os.path.basename(dataset)}", mininterval=1.0, disable=not shards)
     state: Dict[str, object] = {"k": None, "packer": None, "writer": None}
@@ -169,7 +189,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                 if state["k"] != k:
                     state["k"] = k
                     state["packer"] = Packer(options.datasets_type, options.block_size, bos, eos, sep,
-                                             options.long_sentence, plan.dtype)
+                                             options.long_sentence, plan.dtype, options.packing)
                     state["writer"] = StoreWriter(layout.shard_path(dataset, shards[k].name), plan.dtype,
                                                   shards[k].fingerprint)
                 return state["packer"], state["writer"]
@@ -181,6 +201,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                     writer.append(*packer.finish())
                     writer.commit()
                     built.append(shards[k].name)
+                    shard_stats[shards[k].name] = packer.stats
                     for f in pack.__dataclass_fields__:
                         setattr(pack, f, getattr(pack, f) + getattr(packer.stats, f))
                     state["writer"] = None
@@ -215,7 +236,8 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                     pack.skipped, options.block_size - 2, pack.dropped_tokens)
     return BuildReport(path=dataset, files=sorted({s.file for s in shards}), read=read, pack=pack,
                        block_size=options.block_size, workers=workers, seconds=time.perf_counter() - started,
-                       built=built)
+                       built=built, packing=options.packing if options.datasets_type == CONCAT else "line-by-line",
+                       shard_stats=shard_stats)
 
 
 def present_shards(plan: DatasetPlan, dataset: str, verify: str = "once") -> List[str]:

@@ -43,6 +43,8 @@ class DatasetSpec:
     """The field of JSONL and Parquet records that holds the text."""
     piece_bytes: int = PIECE_BYTES
     """Plain text files larger than this are built as several shards."""
+    packing: str = "best_fit"
+    """How sentences fill blocks: best_fit (within a window of consecutive sentences) or sequential (the ancestor)."""
 
     def __post_init__(self):
         self.files = [os.fspath(p) for p in ([self.files] if isinstance(self.files, (str, os.PathLike))
@@ -53,7 +55,7 @@ class DatasetSpec:
             if not os.path.isfile(path):
                 raise UserError(f"{path}: no such file; give existing text files")
         self.options = BuildOptions(self.block_size, self.datasets_type, self.long_sentence, self.text_field,
-                                    self.piece_bytes)
+                                    self.piece_bytes, self.packing)
 
     def plan(self, known: Optional[dict] = None) -> DatasetPlan:
         """One source, named after the directory of the first file."""
@@ -93,9 +95,9 @@ class _BuiltStore(ShardedStore):
 
     def __init__(self, tokenizer, file_path: PathOrPaths, block_size: int, datasets_cache_dir: Optional[str] = None,
                  chunk_size: int = 2500, overwrite_cache: bool = False, long_sentence: str = "split",
-                 num_workers: Optional[int] = None):
+                 num_workers: Optional[int] = None, packing: str = "best_fit"):
         spec = DatasetSpec(files=file_path, tokenizer=tokenizer, block_size=block_size,
-                           datasets_type=self.datasets_type, long_sentence=long_sentence)
+                           datasets_type=self.datasets_type, long_sentence=long_sentence, packing=packing)
         if datasets_cache_dir is None:  # beside the first file, one dataset per type and block size
             first = os.path.abspath(spec.files[0])
             datasets_cache_dir = os.path.join(os.path.dirname(first), ".ds_mlm_cache",

@@ -2,7 +2,8 @@
 file), each shard's fingerprint, and the dataset's own fingerprint. Pure data: nothing here tokenizes or writes.
 
 A shard's fingerprint is a sha256 over what changes its bytes: the store format version, the dataset type, block
-size, long-sentence policy and text field, the tokenizer's fingerprint, and its input: the file (absolute path,
+size, long-sentence policy, packing (best fit and its window; sequential adds nothing, so caches built before
+packing was an option stay valid) and text field, the tokenizer's fingerprint, and its input: the file (absolute path,
 size, mtime_ns and a content hash, spec.file_fingerprint) and the byte range of the piece. A shard is named
 `<file name>.<piece>.<fingerprint[:16]>`, so a changed input gets a new shard beside the old one and a rebuild
 knows from the names alone which shards it can keep. The dataset's fingerprint (the manifest's) is a sha256 of the
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ds_mlm.data.formats import TEXT, UNICODE_BOMS, file_format
-from ds_mlm.data.packing import CONCAT, LINE_BY_LINE, POLICIES
+from ds_mlm.data.packing import BEST_FIT_WINDOW, CONCAT, LINE_BY_LINE, PACKINGS, POLICIES
 from ds_mlm.data.spec import file_fingerprint, special_ids, tokenizer_fingerprint
 from ds_mlm.data.store import FORMAT_VERSION, store_dtype
 from ds_mlm.errors import UserError
@@ -50,6 +51,8 @@ class BuildOptions:
     """The field of JSONL and Parquet records that holds the text."""
     piece_bytes: int = PIECE_BYTES
     """Plain text files larger than this are built as several shards (pieces of whole lines)."""
+    packing: str = "best_fit"
+    """How sentences fill blocks: best_fit (within a window of consecutive sentences) or sequential (the ancestor)."""
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 3:
@@ -59,6 +62,8 @@ class BuildOptions:
             raise UserError(f"unknown datasets type {self.datasets_type!r}: use {CONCAT} or {LINE_BY_LINE}")
         if self.long_sentence not in POLICIES:
             raise UserError(f"unknown long-sentence policy {self.long_sentence!r}: use one of {', '.join(POLICIES)}")
+        if self.packing not in PACKINGS:
+            raise UserError(f"unknown packing {self.packing!r}: use one of {', '.join(PACKINGS)}")
         if not self.text_field:
             raise UserError("--text_field is empty: give the field of your records that holds the text")
         if self.piece_bytes < _SEEK_BYTES:
@@ -66,8 +71,11 @@ class BuildOptions:
 
     def identity(self) -> dict:
         """What of these options changes a shard's bytes (piece_bytes changes its input, not how it is packed)."""
-        return {"datasets_type": self.datasets_type, "block_size": self.block_size,
-                "long_sentence": self.long_sentence, "text_field": self.text_field}
+        identity = {"datasets_type": self.datasets_type, "block_size": self.block_size,
+                    "long_sentence": self.long_sentence, "text_field": self.text_field}
+        if self.datasets_type == CONCAT and self.packing != "sequential":  # sequential: the fingerprints of before
+            identity["packing"] = f"{self.packing}/{BEST_FIT_WINDOW}"  # a changed window changes the bytes too
+        return identity
 
 
 @dataclass
