@@ -341,6 +341,11 @@ else
     master_addr=${master_addr:-${hosts[0]}}
     backend_args=(--no_ssh_check)
   fi
+  if [ "$backend" = openmpi ] && [ -n "${OMPI_MCA_btl_tcp_if_include:-}" ]; then
+    # the runner puts `--mca btl_tcp_if_include eth0` on mpirun's command line (which beats this variable) unless
+    # its --launcher_args name the interface themselves; LAUNCHER_ARGS cannot carry the space this needs
+    backend_args+=(--launcher_args "--mca btl_tcp_if_include $OMPI_MCA_btl_tcp_if_include")
+  fi
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
     ${master_addr:+--master_addr "$master_addr"} "${backend_args[@]+"${backend_args[@]}"}"
     "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")

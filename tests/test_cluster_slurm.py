@@ -15,7 +15,9 @@ the module costs about the time of the slowest.
 """
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import pytest
 from conftest import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-STEPS = 200
+STEPS = 100
 FP32_NO_DROPOUT = ["--bf16", "false", "--learning_rate", "2e-3", "--warmup_steps", "2"]
 
 
@@ -65,37 +67,59 @@ def jobs(slurm, tmp_path_factory, small_corpus, bpe_tokenizer_dir, no_dropout_co
 
 
 def drive(slurm, jobs, bound: float = 900):
-    """Preempt the two pretrain.sbatch jobs mid-run, each its way, while all three run; return once all have ended."""
+    """Preempt the two pretrain.sbatch jobs mid-run, each its way, while all three run; return once all have ended.
+
+    Slurm looks at time limits every 30 s, so the time-limit signal comes up to 30 s after the limit is lowered: the
+    job's ranks are frozen meanwhile (SIGSTOP, SIGCONT once the batch shell has the signal), so that it finds them
+    mid-run however fast the machine trains."""
     from cluster_slurm import DONE
 
-    done = set()  # the steps taken
+    done = {}  # the steps taken -> when
     deadline = time.monotonic() + bound
     while True:
         state = {name: slurm.job(job) for name, (job, _, _) in jobs.items()}
         if all(r["JobState"] in DONE for r in state.values()):
             return
         assert time.monotonic() < deadline, f"the Slurm jobs did not end within {bound} s: {state}"
-        job, out, _ = jobs["time_limit"]
+        job, out, log = jobs["time_limit"]
         r = state["time_limit"]
-        if "lowered" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 3:
-            # Bring the end near: at most 90 s left, more than 30 s, so the signal (sent once the time left falls
-            # under 60 s + Slurm's 30 s margin) comes now, and the checkpoint and requeue have the rest.
-            slurm.scontrol("update", f"JobId={job}", f"TimeLimit={(seconds(r['RunTime']) + 90) // 60}")
-            done.add("lowered")
-        if "lowered" in done and "raised" not in done and r["Restarts"] == "1":
+        if "lowered" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 2:
+            signal_ranks(slurm, job, signal.SIGSTOP)
+            # Bring the end near: 60-120 s left. Slurm sends SIGUSR1 once less than 60 s (--signal=B:USR1@60) + its
+            # 30 s margin are left, at its next look, so within a minute, with at least 30 s for the save and requeue.
+            slurm.scontrol("update", f"JobId={job}", f"TimeLimit={(seconds(r['RunTime']) + 120) // 60}")
+            done["lowered"] = time.monotonic()
+        if "lowered" in done and "thawed" not in done:
+            if "pretrain.sbatch: SIGUSR1: passing it to the job step" in log.read_text(errors="replace"):
+                signal_ranks(slurm, job, signal.SIGCONT)
+                done["thawed"] = time.monotonic()
+            assert time.monotonic() - done["lowered"] < 150, f"no SIGUSR1 150 s after the time limit came near: {r}"
+        if "thawed" in done and "raised" not in done and r["Restarts"] == "1":
             # the requeued job must not find that limit again (it would be signalled at once): the time back
             slurm.scontrol("update", f"JobId={job}", "TimeLimit=10")
-            done.add("raised")
+            done["raised"] = time.monotonic()
         job, out, _ = jobs["fewer_nodes"]
         r = state["fewer_nodes"]
-        if "held" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 3:
+        if "held" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 2:
+            signal_ranks(slurm, job, signal.SIGSTOP)  # mid-run for sure; Slurm's SIGCONT + SIGTERM wake them
             slurm.scontrol("requeuehold", job)  # SIGTERM to every process of the job: the ranks save; it waits, held
-            done.add("held")
+            done["held"] = time.monotonic()
         if "held" in done and "released" not in done and r["JobState"] == "PENDING" and r["Restarts"] == "1":
             slurm.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
             slurm.scontrol("release", job)
-            done.add("released")
+            done["released"] = time.monotonic()
         time.sleep(0.5)
+
+
+def signal_ranks(slurm, job, sig):
+    """Send `sig` to the job's run_mlm.py processes on every node."""
+    for host in slurm.nodes:
+        for pid in slurm.job_pids(host, job):
+            try:
+                if b"run_mlm.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, sig)
+            except OSError:  # gone meanwhile
+                pass
 
 
 def records(out: Path) -> list:
