@@ -12,7 +12,7 @@ on the shared file system, so every host's daemons and clients reach the one mun
 state, each slurmd's spool, pid and log files. The daemons run in the foreground inside their hosts (cluster.popen,
 `exec`: the Popen is the daemon), so stopping them, and the cluster's own teardown, leaves nothing behind.
 slurm.conf follows shared/notes/test-cluster.md (no cgroups: proctrack/linuxproc, task/none; no accounting), with
-`cred_expire=10` (a requeued job may start 10 s after it ended, not Slurm's default 120) and MinJobAge 600 (a
+`cred_expire=10` (a requeued job may start 10 s after it ended, not Slurm's default 120) and MinJobAge 3600 (a
 finished job's record stays readable by `scontrol show job`).
 """
 
@@ -151,7 +151,7 @@ class Slurm:
             f"SlurmdPidFile={d}/slurmd-%n.pid\nSlurmctldLogFile={d}/slurmctld.log\nSlurmdLogFile={d}/slurmd-%n.log\n"
             "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nSelectType=select/cons_tres\n"
             "SelectTypeParameters=CR_CPU\nReturnToService=2\nMpiDefault=none\nJobAcctGatherType=jobacct_gather/none\n"
-            "AccountingStorageType=accounting_storage/none\nMailProg=/bin/true\nMinJobAge=600\nKillWait=30\n"
+            "AccountingStorageType=accounting_storage/none\nMailProg=/bin/true\nMinJobAge=3600\nKillWait=30\n"
             "SlurmctldTimeout=30\nSlurmdTimeout=60\nInactiveLimit=0\n"
             f"{nodes}PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP\n")
         self._daemon("slurmctld", c.head, f"{_which('slurmctld')} -D -i -f {self.conf}")
