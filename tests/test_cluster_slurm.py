@@ -36,6 +36,8 @@ def slurm(cluster):
 
     why = unavailable()
     if why:
+        if os.environ.get("DS_MLM_REQUIRE_CLUSTER") == "1":  # CI: the cluster tier must run
+            pytest.fail(f"DS_MLM_REQUIRE_CLUSTER=1 but {why}")
         pytest.skip(why)
     made = Slurm(cluster)
     yield made
