@@ -63,6 +63,14 @@ def _exe(pid: int) -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped (an orphan in a host is reparented to the machine's init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def netns_pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -165,7 +173,8 @@ class Cluster:
     def pids(self, host: str) -> list[int]:
         """Processes inside `host` other than its init and its sshd (the listener and its per-connection processes,
         which end by themselves once the command they serve has ended)."""
-        return [p for p in netns_pids(self.ns(host)) if p != self._init[host].pid and _exe(p) != SSHD]
+        return [p for p in netns_pids(self.ns(host)) if p != self._init[host].pid and _exe(p) != SSHD
+                and _alive(p)]
 
     def cut(self, host: str):
         """Take the host's link down: its peers get no reset, packets to and from it are dropped."""
@@ -262,11 +271,11 @@ class Cluster:
         for key in ("id_ed25519", "hostkey"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(t / key)], check=True)
         (t / "authorized_keys").write_text((t / "id_ed25519.pub").read_text())
-        # BatchMode: never a password prompt; ServerAliveInterval: a dead peer is noticed (like a careful user's config)
+        # Only what a user's ~/.ssh/config holds for a cluster (key, known hosts): no timeouts or keep-alives, so
+        # that the product's own ssh options are what the tests exercise.
         (t / "ssh_config").write_text(
-            f"Host *\n  User root\n  IdentityFile {t}/id_ed25519\n  IdentitiesOnly yes\n  BatchMode yes\n"
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 10\n"
-            "  ServerAliveInterval 5\n  ServerAliveCountMax 3\n")
+            f"Host *\n  User root\n  IdentityFile {t}/id_ed25519\n  IdentitiesOnly yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
         bin_dir = t / "bin"
         bin_dir.mkdir(exist_ok=True)
         wrapper = bin_dir / "ssh"
@@ -306,5 +315,6 @@ class Cluster:
         proc = self.run(self.head, f"pdsh -R ssh -w {names} hostname", timeout=bound)
         got = sorted(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if ":" in line)
         if got != sorted(self.hosts):
-            raise RuntimeError(f"test cluster: pdsh from the head reached {got}, not {self.hosts}: {proc.stderr.strip()}")
+            raise RuntimeError(f"test cluster: pdsh from the head reached {got}, not {self.hosts}: "
+                               f"{proc.stderr.strip()}")
 
