@@ -253,6 +253,18 @@ is_count "$master_port" || die "MASTER_PORT=$master_port is not a port number"
 grace=${STOP_GRACE_SECONDS:-30}
 [[ $grace =~ ^[0-9]+$ ]] || die "STOP_GRACE_SECONDS=$grace is not a number of seconds: give e.g. STOP_GRACE_SECONDS=60"
 read -r -a launcher_args <<<"${LAUNCHER_ARGS:-}"
+backend=pdsh  # how the deepspeed runner reaches the other nodes from the master (its --launcher)
+for ((i = 0; i < ${#launcher_args[@]}; i++)); do
+  case ${launcher_args[i]} in
+    --launcher=*) backend=${launcher_args[i]#--launcher=} ;;
+    --launcher) backend=${launcher_args[i + 1]:-} ;;
+  esac
+done
+case $backend in
+  pdsh | slurm | openmpi) ;;
+  mpich | impi | mvapich) echo "launch.sh: warning: --launcher $backend has never been run with ds-mlm (tested: pdsh, slurm, openmpi)" >&2 ;;
+  *) die "LAUNCHER_ARGS: --launcher $backend is not a deepspeed launcher backend: give pdsh (default), slurm or openmpi" ;;
+esac
 
 if [ -z "${OMP_NUM_THREADS:-}" ]; then  # the processes of a node share its cores (torchrun would say 1)
   per_rank=$(($(nproc) / slots[node_rank]))
@@ -321,6 +333,19 @@ else
     done
   } >"$env_file"
   export DS_ENV_FILE=$env_file  # an absolute name: the launcher's join(dir, name) then yields exactly this file
+  backend_args=()
+  if [ "$backend" != pdsh ]; then
+    # srun and mpirun reach the nodes themselves: the runner's ssh check (ssh to the first host) is not theirs to
+    # pass, and without --master_addr the runner would ssh there to ask for its address. Rank 0 runs on the first
+    # host of the hostfile (srun and mpirun number the ranks in its order), so that is the master.
+    master_addr=${master_addr:-${hosts[0]}}
+    backend_args=(--no_ssh_check)
+  fi
+  if [ "$backend" = openmpi ] && [ -n "${OMPI_MCA_btl_tcp_if_include:-}" ]; then
+    # the runner puts `--mca btl_tcp_if_include eth0` on mpirun's command line (which beats this variable) unless
+    # its --launcher_args name the interface themselves; LAUNCHER_ARGS cannot carry the space this needs
+    backend_args+=(--launcher_args "--mca btl_tcp_if_include $OMPI_MCA_btl_tcp_if_include")
+  fi
 
   # Before any rank starts, every node is checked at once over ssh (ds_mlm/hosts.py): reachable, this Python and the
   # project, corpus and tokenizer at the same paths, the master address answering, the interface variables naming
@@ -342,7 +367,8 @@ else
     --master_addr "$master_addr" --master_port "$master_port" --launcher_args "${LAUNCHER_ARGS:-}" \
     --python "$python" "${checks[@]+"${checks[@]}"}" || exit 2
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
-    ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
+    ${master_addr:+--master_addr "$master_addr"} "${backend_args[@]+"${backend_args[@]}"}"
+    "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi
 
 run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"

