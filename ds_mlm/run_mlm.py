@@ -88,8 +88,9 @@ def run(model_args, data_args, train_args) -> int:
 
     device = precision.this_device()
     ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)  # the plan's and the datasets' (it serialises the tokenizer)
     plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, config,
-                              tokenizer_fingerprint(tokenizer))
+                              tokenizer_id)
     if dist.is_main:
         for line in filter(None, [warning, _eval_warning(train_args, data_args)]):
             log.warning(line)
@@ -101,7 +102,7 @@ def run(model_args, data_args, train_args) -> int:
         chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
         if chosen is not None:
             resume.check(chosen, plan, dist, say=False)  # a refusal comes before an hours-long dataset build
-        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
+        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir, tokenizer_id)
         plan = plan.with_data(len(train_ds))
         trainer = setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen,
                                  train_ds, eval_ds, config)
