@@ -199,7 +199,7 @@ resume_check() {  # name, slug, config, straight run: stop at a logging boundary
   launch "$part" "${base[@]}" --deepspeed_config "$config" || failed "$name: resumed to $steps" "$part"
   if "$python" - "$reference" "$part" "$stop" "$name" <<'PY'; then
 import json, sys
-timing = {"tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib"}
+timing = {"tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib", "time"}
 def numbers(out):
     return [{k: v for k, v in r.items() if k not in timing} for r in map(json.loads, open(f"{out}/train_log.jsonl"))]
 a, b = numbers(sys.argv[1]), numbers(sys.argv[2])

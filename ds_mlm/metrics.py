@@ -4,7 +4,8 @@ Every `--logging_steps` optimizer steps one record goes to three places, all fro
 
   - `{output_dir}/train_log.jsonl`, one JSON object per line, flushed at each write, appended across resumes:
         {"step": 12, "loss": 6.91, "lr": 4.2e-05, "grad_norm": 1.3, "tokens_per_s": 10412.0, "samples_per_s": 81.3}
-    (+ "loss_scale" under fp16); an evaluation adds {"step": 12, "eval_loss": ..., "perplexity": ...}.
+    (+ "loss_scale" under fp16); an evaluation adds {"step": 12, "eval_loss": ..., "perplexity": ...}. Every record
+    has "time", the Unix time it was written (so bench/startup.py finds when the first step ended).
     On resume the file is cut back to its length at the checkpoint, so the steps redone are not logged twice.
   - TensorBoard under `--logging_dir`: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/samples_per_s,
     train/padding, train/loss_scale, data/train_fill, eval/loss, eval/perplexity (x axis: optimizer step).
@@ -159,6 +160,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)}  # before the first write's TensorBoard start-up
         if self.file is None:
             self._open()
         self.file.write(json.dumps(record) + "\n")
@@ -188,7 +190,7 @@ def format_record(record: dict) -> str:
     """One stdout line: `step 12 | loss 6.9100 | lr 4.20e-05 | ...`."""
     parts = [f"step {record['step']}"]
     for key, value in record.items():
-        if key == "step" or value is None or isinstance(value, dict):
+        if key in ("step", "time") or value is None or isinstance(value, dict):
             continue
         if key == "lr":
             parts.append(f"lr {value:.3e}")

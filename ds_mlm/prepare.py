@@ -39,6 +39,7 @@ from ds_mlm.data.manifest import (SHARDS, ShardedStore, check_replaceable, final
                                   remove_leftovers)
 from ds_mlm.data.mixture import Mixture
 from ds_mlm.data.plan import BuildOptions, balance, plan_dataset
+from ds_mlm.data.spec import special_ids, tokenizer_fingerprint
 from ds_mlm.data.store import StaleCacheError
 from ds_mlm.data.verify import check_shards
 from ds_mlm.errors import Terminated, UserError
@@ -180,8 +181,9 @@ def _sources(data_args):
     return out
 
 
-def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir: str):
-    """(train dataset: a Mixture of the train sources, {eval source: dataset} or None); see the module docstring."""
+def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir: str, tokenizer_id=None):
+    """(train dataset: a Mixture of the train sources, {eval source: dataset} or None); see the module docstring.
+    `tokenizer_id`: the tokenizer's fingerprint, where the caller computed it already."""
     sources = _sources(data_args)
     options = BuildOptions(block_size=data_args.max_seq_length, datasets_type=data_args.datasets_type,
                            long_sentence=data_args.long_sentence, text_field=data_args.text_field,
@@ -191,8 +193,11 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
     older = {split: check_replaceable(path) for split, path in paths.items()}  # a foreign directory: fail now
     mine = None
     if dist.local_rank == 0:  # hashing the inputs reads them: once per node (its first rank), not once per process
-        mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])))
-                for split, srcs in sources.items()}
+        if tokenizer_id is None:  # hashed once for every split: it serialises the whole tokenizer
+            special_ids(tokenizer)  # a tokenizer without <s> and </s> fails here, before anything is hashed
+            tokenizer_id = tokenizer_fingerprint(tokenizer)
+        mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])),
+                                    tokenizer_id) for split, srcs in sources.items()}
     plans = distributed.all_gather_object(mine)[dist.first_rank_on_node]
     check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
     leader = builder_rank(cache_dir, dist, data_args.cache_scope)

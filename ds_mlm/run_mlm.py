@@ -19,14 +19,10 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
-from ds_mlm import atomic, distributed, precision, preflight  # noqa: E402
+# Only what parsing needs at the top: `--help` and a bad flag answer without importing torch, transformers or
+# DeepSpeed (seconds); each step of the run imports what it uses when it gets there (bench/startup.py measures it).
 from ds_mlm.args import parse_args  # noqa: E402
-from ds_mlm.ds_config import resolve_ds_config  # noqa: E402
 from ds_mlm.errors import cli  # noqa: E402
-from ds_mlm.lock import DirLock  # noqa: E402
-from ds_mlm.model import count_parameters, resolve_config  # noqa: E402
-from ds_mlm.prepare import prepare_datasets  # noqa: E402
-from ds_mlm.tokenization import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("ds_mlm")
 
@@ -40,6 +36,9 @@ def setup_logging(rank: int) -> None:
 @contextlib.contextmanager
 def run_lock(dist, output_dir: str):
     """One training run per --output_dir for the job's lifetime (rank 0 holds it; lock.py says why it is safe on NFS)."""
+    from ds_mlm import preflight
+    from ds_mlm.lock import DirLock
+
     lock = DirLock(output_dir, "training run", flag="--output_dir")
 
     def take():
@@ -55,7 +54,16 @@ def run_lock(dist, output_dir: str):
 
 
 def main(argv=None) -> int:
-    model_args, data_args, train_args = parse_args(argv)
+    return run(*parse_args(argv))
+
+
+def run(model_args, data_args, train_args) -> int:
+    """The run of parsed arguments; its exit status."""
+    from ds_mlm import distributed, precision, preflight
+    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.model import count_parameters, resolve_config
+    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.tokenization import load_tokenizer
 
     # A build-only run in a world of one never pays for DeepSpeed; every other run joins the process group first.
     single = distributed.env_info().world_size == 1  # mpirun/srun name their world with their own variables
@@ -81,8 +89,9 @@ def main(argv=None) -> int:
 
     device = precision.this_device()
     ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)  # the plan's and the datasets' (it serialises the tokenizer)
     plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, config,
-                              tokenizer_fingerprint(tokenizer))
+                              tokenizer_id)
     if dist.is_main:
         for line in filter(None, [warning, _eval_warning(train_args, data_args)]):
             log.warning(line)
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
         chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
         if chosen is not None:
             resume.check(chosen, plan, dist, say=False)  # a refusal comes before an hours-long dataset build
-        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir)
+        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir, tokenizer_id)
         plan = plan.with_data(len(train_ds))
         trainer = setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen,
                                  train_ds, eval_ds, config)
@@ -118,6 +127,8 @@ def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, che
     from ds_mlm.engine import build_engine
     from ds_mlm.model import build_model
     from ds_mlm.trainer import make_trainer
+
+    from ds_mlm import atomic
 
     universal = chosen is not None and checkpointer.universal_needed(chosen, plan)
     if chosen is not None:
@@ -180,8 +191,11 @@ def build_dataset(argv=None) -> int:
 
 
 def _command(argv=None) -> int:
+    args = parse_args(argv)  # --help and a bad flag end here, before torch is imported
+    from ds_mlm import distributed
+
     try:
-        code = main(argv)
+        code = run(*args)
     except BaseException:
         distributed.leave()  # the error decides the exit status, not a C++ abort of a group left alive
         raise

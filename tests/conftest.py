@@ -40,7 +40,7 @@ def fp16_fallback_warning(used: str) -> str:
 
 
 # The keys of a train_log.jsonl record that measure time, not training: runs compare every other number exactly.
-TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib")
+TIMING = ("tokens_per_s", "samples_per_s", "tflops", "mfu", "data_wait", "peak_memory_gib", "time")
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -106,3 +106,28 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "numba", "pythainlp", "sentencepiece", "tokenizers")
+PROBE = """
+import runpy, sys
+sys.argv = ["run_mlm.py", *sys.argv[1:]]
+try:
+    runpy.run_module("ds_mlm.run_mlm", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
+print("HEAVY", ",".join(heavy), "EXIT", code, file=sys.stderr)
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["--train_dir", "D", "--max_seq_length", "x"], 2)])
+def test_help_and_bad_flags_import_no_heavy_library(argv, status):
+    # `--help` and a mistyped flag must answer at once: nothing of torch / transformers / DeepSpeed / numba loaded
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    probe = [line for line in proc.stderr.splitlines() if line.startswith("HEAVY")]
+    assert probe == [f"HEAVY  EXIT {status}"], proc.stderr
+    if status == 0:
+        assert "--tokenizer_name_or_path" in proc.stdout and "--deepspeed_config" in proc.stdout
+    else:
+        assert "ds-mlm: error: argument --max_seq_length" in proc.stderr

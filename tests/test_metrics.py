@@ -1,6 +1,7 @@
 """Metrics: window averages, the jsonl log (appended, cut back on resume), TensorBoard scalars, the stdout line."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -85,6 +86,7 @@ def test_train_fill_is_ids_over_positions_of_one_store_or_all_sources():
 def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     w = MetricsWriter(str(out), str(runs), rank=0)
+    started = time.time() - 0.001  # the log rounds to ms
     assert not out.exists()  # opened at the first write: a run that fails before it leaves the old log alone
     w.write({"step": 1, "loss": 7.0, "lr": 1e-4, "grad_norm": 2.0, "tokens_per_s": 10.0, "samples_per_s": 1.0})
     cut = w.position()
@@ -93,6 +95,8 @@ def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
     w.close()
     lines = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 2] and lines[1]["grad_norm"] is None
+    times = [r["time"] for r in lines]  # when each was written: bench/startup.py's first-step time
+    assert started <= times[0] <= times[1] <= times[2] <= time.time() + 0.001
     scalars = read_scalars(runs)
     assert scalars["train/loss"] == [(1, 7.0), (2, 6.5)]
     assert [s for s, _ in scalars["train/grad_norm"]] == [1]  # None is not plotted
@@ -131,6 +135,7 @@ def test_sources_get_their_own_curves(tmp_path):
 
 
 def test_stdout_line():
-    line = format_record({"step": 12, "loss": 6.91234, "lr": 4.2e-05, "grad_norm": None, "tokens_per_s": 10412.3})
+    line = format_record({"step": 12, "loss": 6.91234, "lr": 4.2e-05, "grad_norm": None, "tokens_per_s": 10412.3,
+                          "time": 1.7e9})  # a timestamp is for the file, not the screen
     assert line == "step 12 | loss 6.9123 | lr 4.200e-05 | tokens_per_s 10,412"
     assert perplexity(1e6) == float("inf")

@@ -172,3 +172,26 @@ def test_shape_flags_are_checked():
         ModelArguments(attn_implementation="flash")
     with pytest.raises(UserError, match="--pad_vocab_multiple -8 must be 0 or more"):
         ModelArguments(pad_vocab_multiple=-8)
+
+
+def test_head_rows_come_in_a_few_fixed_shapes(tok):
+    """Masked-token counts that differ step to step reach the LM head as multiples of MASKED_ROWS_MULTIPLE (each new
+    shape costs oneDNN a kernel kept for the process's life), with the same loss as the rows alone."""
+    from ds_mlm.model import MASKED_ROWS_MULTIPLE
+
+    torch.manual_seed(0)
+    model = build_model(margs(), tok, 64).eval()
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    for seed in range(3):
+        batch = masked_batch(tok, rows=4, width=30, seed=seed)
+        with torch.no_grad():
+            loss_sum, count = model(**batch)
+        picked = batch["labels"] != -100
+        with torch.no_grad():
+            hidden = model.roberta(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            alone = torch.nn.functional.cross_entropy(model.lm_head(hidden.last_hidden_state[picked])[:, :len(tok)]
+                                                      .float(), batch["labels"][picked], reduction="sum")
+        assert int(count) == int(picked.sum()) and float(loss_sum) == pytest.approx(float(alone), rel=1e-5)
+    head_rows = seen[0::2]  # each seed: the padded training forward, then the reference's own call
+    assert all(r % MASKED_ROWS_MULTIPLE == 0 for r in head_rows) and len(set(seen[1::2])) > len(set(head_rows))

@@ -88,11 +88,19 @@ def recorded(path: Path) -> list:
     return [tuple(line.split()) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bpe_tokenizer_dir, caplog):
+def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bpe_tokenizer_dir, caplog,
+                                                      monkeypatch):
     from transformers import AutoTokenizer
 
+    from ds_mlm import prepare
+    from ds_mlm.data import plan as data_plan
     from ds_mlm.data.mixture import Mixture
     from ds_mlm.prepare import prepare_datasets
+
+    hashed = []  # the tokenizer's fingerprint serialises the whole tokenizer: once per build, not once per split
+    real_fingerprint = data_plan.tokenizer_fingerprint
+    for module in (prepare, data_plan):
+        monkeypatch.setattr(module, "tokenizer_fingerprint", lambda tok: hashed.append(1) or real_fingerprint(tok))
 
     news, web = corpus(tmp_path / "news", [200, 100]), corpus(tmp_path / "web", [50])
     eval_a, eval_b = corpus(tmp_path / "eval_a", [40]), corpus(tmp_path / "eval_b", [30])
@@ -102,6 +110,7 @@ def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bp
     with caplog.at_level(logging.INFO):
         train, evals = prepare_datasets(data_args, tokenizer, world_of_one, str(tmp_path / "cache"))
     assert isinstance(train, Mixture) and train.source_names == [str(news), str(web)]
+    assert len(hashed) == 1, "the tokenizer was fingerprinted once for each split"
     assert [round(s, 2) for s in train.shares] == [0.25, 0.75]
     assert list(evals) == [str(eval_a), str(eval_b)] and all(len(d) > 0 for d in evals.values())
     assert sum(map(len, evals.values())) == len(__import__("ds_mlm.data", fromlist=["x"]).open_store(
@@ -113,8 +122,10 @@ def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bp
     assert all(s[0] == tokenizer.bos_token_id and s[-1] == tokenizer.eos_token_id for s in batch)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again, _ = prepare_datasets(data_args, tokenizer, world_of_one, str(tmp_path / "cache"))
+        again, _ = prepare_datasets(data_args, tokenizer, world_of_one, str(tmp_path / "cache"),
+                                    tokenizer_id=real_fingerprint(tokenizer))  # as run_mlm passes the plan's
     assert "train: reusing the token dataset" in caplog.text and "built" not in caplog.text
+    assert len(hashed) == 1  # the caller's fingerprint was used
     assert [x.tolist() for x in again.__getitems__(range(20))] == [x.tolist() for x in train.__getitems__(range(20))]
 
 

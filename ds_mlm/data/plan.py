@@ -181,10 +181,11 @@ def _shard_name(path: str, piece: int, fingerprint: str) -> str:
 
 
 def plan_dataset(sources: Sequence[Tuple[str, Sequence[str]]], tokenizer, options: BuildOptions,
-                 known: Optional[Dict[str, dict]] = None) -> DatasetPlan:
-    """The plan of a dataset from (source name, its files) pairs; `known`: identities of a previous manifest."""
+                 known: Optional[Dict[str, dict]] = None, tokenizer_id: Optional[str] = None) -> DatasetPlan:
+    """The plan of a dataset from (source name, its files) pairs; `known`: identities of a previous manifest;
+    `tokenizer_id`: the tokenizer's fingerprint where the caller has it (it serialises the whole tokenizer)."""
     special_ids(tokenizer)  # a tokenizer without <s> and </s> fails now, before anything is hashed
-    tok = tokenizer_fingerprint(tokenizer)
+    tok = tokenizer_id or tokenizer_fingerprint(tokenizer)
     base = {"format_version": FORMAT_VERSION, "options": options.identity(), "tokenizer": tok}
     plans = []
     for k, (name, files) in enumerate(sources):
