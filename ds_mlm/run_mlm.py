@@ -178,6 +178,9 @@ def build_dataset(argv=None) -> int:
 
 
 def _command(argv=None) -> int:
+    from ds_mlm.signals import watch_launcher
+
+    watch_launcher()  # a rank whose launcher has gone stops like a signalled one, never trains on as an orphan
     try:
         code = main(argv)
     except BaseException:

@@ -24,9 +24,12 @@ What this process does:
     with the signal that ended COMMAND (SIGTERM if it was another).
   - GRACE seconds after the signal, everything left is killed (SIGKILL).
   - If launch.sh itself dies (kill -9), this process gets SIGTERM (PR_SET_PDEATHSIG): the job stops, unsupervised
-    it would run on.
-Exit status: COMMAND's (128 + N when signal N ended it). After a stop, a launcher's generic 1 (torchrun, and
-deepspeed.launcher.launch when it was signalled itself) becomes 128 + the stop signal.
+    it would run on. If this process dies (kill -9, the OOM killer), COMMAND gets SIGTERM the same way, and the ranks
+    see their launcher chain change (ds_mlm.signals.watch_launcher): they save and stop.
+Exit status: COMMAND's (128 + N when signal N ended it). After a stop, EXIT_PREEMPTED (75) when COMMAND or an
+orphan of the job that ended here exited with it (the ranks saved a checkpoint: a launcher killed by the signal, or
+deepspeed.launcher.launch killed, whose runner then says 0); otherwise a launcher's 0 or generic 1 (torchrun, and
+deepspeed.launcher.launch when it was signalled itself) becomes 128 + the stop signal: a stopped job never says 0.
 """
 
 import signal
@@ -53,6 +56,8 @@ import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import psutil  # noqa: E402
+
+from ds_mlm.signals import EXIT_PREEMPTED, die_with_parent  # noqa: E402
 
 PREFIX = "launch.sh"  # its only caller: the lines read as launch.sh's
 POLL_SECONDS = 0.2  # while stopping: how often the process tree is looked at (new ranks, orphans, the end)
@@ -89,6 +94,8 @@ class Job:
     """time.monotonic() of the first SIGKILL."""
     childless: dict = field(default_factory=dict)
     """(pid, start time) of each agent seen without ranks while stopping -> since when (time.monotonic())."""
+    orphans_ended: list = field(default_factory=list)
+    """Exit statuses of the processes of the job re-parented here (orphans) that ended here."""
 
     def __post_init__(self):
         if not self.command:
@@ -201,6 +208,8 @@ def reap(job: Job) -> None:
             return
         if pid == job.child.pid:
             job.status = job.child.returncode = os.waitstatus_to_exitcode(wait_status)
+        else:
+            job.orphans_ended.append(os.waitstatus_to_exitcode(wait_status))
 
 
 def step(job: Job) -> bool:
@@ -252,7 +261,9 @@ def step(job: Job) -> bool:
 def exit_status(job: Job) -> int:
     code = job.status if job.status is not None else -signal.SIGKILL
     code = 128 - code if code < 0 else code
-    if job.stop is not None and code == LAUNCHER_FAILED:
+    if job.stop is not None and EXIT_PREEMPTED in (code, *job.orphans_ended):
+        return EXIT_PREEMPTED  # the ranks saved a checkpoint of the step reached: resumable
+    if job.stop is not None and code in (0, LAUNCHER_FAILED):
         code = 128 + job.stop
     return code
 
@@ -273,7 +284,8 @@ def supervise(job: Job) -> int:
     if requests:  # stopped before anything started: start nothing
         say(f"{signal.Signals(requests[0]).name} received before the start: nothing run")
         return 128 + requests[0]
-    job.child = subprocess.Popen(job.command)
+    # if this process dies (kill -9, the OOM killer), COMMAND gets SIGTERM: the launchers pass it on or die of it
+    job.child = subprocess.Popen(job.command, preexec_fn=die_with_parent(signal.SIGTERM))
     while step(job):
         idle = job.stop is None and job.status is None
         select.select([wake_read], [], [], None if idle else POLL_SECONDS)
