@@ -74,10 +74,11 @@ class StopOnSignal:
                  "is intact)")
             os._exit(128 + signum)
 
-    def request(self, why: str) -> None:
-        """Stop at the next step boundary with a checkpoint (a signal's handler, or the launcher watch)."""
+    def request(self, why: str, label: str = None) -> None:
+        """Stop at the next step boundary with a checkpoint (a signal's handler, or the launcher watch); `requested`
+        becomes `label` (default: `why`)."""
         if self.requested is None:
-            self.requested = why
+            self.requested = label or why
             _stopping.set()
             _say(f"{self.prefix}ds-mlm: {why}: finishing this step, saving a checkpoint, then exiting with status "
                  f"{EXIT_PREEMPTED} (send a signal again to exit at once)")
@@ -189,7 +190,7 @@ def _watch(chain: list, interval: float, prefix: str) -> None:
         _stopping.set()
         active = _active
         if active is not None:
-            active.request(f"its launcher is gone: {why}")
+            active.request(f"its launcher is gone: {why}", label="its launcher's end")
         else:
             _say(f"{prefix}ds-mlm: its launcher is gone: {why}: stopping (SIGTERM to itself)")
             os.kill(os.getpid(), signal.SIGTERM)
