@@ -166,6 +166,37 @@ def chain_broken(chain: list):
     return None
 
 
+class Unbroken:
+    """sys.stdout / sys.stderr of a rank under a launcher: once a write fails because nobody reads any more (EPIPE:
+    the ssh session of a pdsh rank closed, a `| tee` gone), the stream goes to /dev/null and the run goes on to its
+    checkpoint instead of dying of BrokenPipeError on its next progress line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _silenced(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._silenced()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._silenced()
+            self.stream.flush()  # what was buffered goes to /dev/null: the next flush (at exit too) succeeds
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _quiet_if_unread() -> None:
     """stdout and stderr to /dev/null where nobody reads them any more (a pipe or socket whose reader is gone: the
     ssh session's), so that the lines on the way out do not fail with BrokenPipeError."""
@@ -198,12 +229,14 @@ def _watch(chain: list, interval: float, prefix: str) -> None:
 
 
 def watch_launcher(interval: float = WATCH_SECONDS, prefix: str = "") -> list:
-    """Start the watch of this process's launcher chain (once per process); the chain, empty when there is none."""
+    """Start the watch of this process's launcher chain (once per process), and make its output survive its reader
+    (Unbroken); the chain, empty when there is none."""
     global _watcher
     if _watcher is not None or sys.platform != "linux":
         return _watcher or []
     _watcher = launcher_chain()
     if _watcher:
+        sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
         threading.Thread(target=_watch, args=(_watcher, interval, prefix), name="ds-mlm-launcher-watch",
                          daemon=True).start()
     return _watcher
