@@ -137,21 +137,20 @@ def is_launcher(argv: list) -> bool:
 
 def launcher_chain(pid: int = None) -> list:
     """[(pid, start time, name)] of the launcher ancestors of `pid` (this process), nearest first; see the module
-    docstring. Empty when it was not started by a launcher."""
-    chain, pid = [], os.getppid() if pid is None else _stat(pid)[1]
-    while pid > 1 and (argv := _argv(pid)) and is_launcher(argv):
-        chain.append((pid, _stat(pid)[2], " ".join(argv[:3])))
-        pid = _stat(pid)[1]
-    shells = []  # above the top launcher: shells, then a non-interactive ssh session (pdsh's), or nothing
-    while chain and pid > 1 and (argv := _argv(pid)):
+    docstring. Empty when it was not started by a launcher (or an ancestor ended while it was being read)."""
+    here = _stat(os.getpid() if pid is None else pid)
+    chain, shells, pid = [], [], here[1] if here else 0
+    while pid > 1 and (argv := _argv(pid)) and (stat := _stat(pid)):
         name = os.path.basename(argv[0])
-        if name in SHELLS and len(shells) < 2:
-            shells.append((pid, _stat(pid)[2], name))
-        elif name.startswith("sshd") and "@notty" in " ".join(argv):  # its title: "sshd: USER@notty"
-            return chain + shells + [(pid, _stat(pid)[2], " ".join(argv).strip())]
+        if not shells and is_launcher(argv):
+            chain.append((pid, stat[2], " ".join(argv[:3])))
+        elif chain and name in SHELLS and len(shells) < 2:  # above the top launcher: shells, then an ssh session
+            shells.append((pid, stat[2], name))
+        elif chain and name.startswith("sshd") and "@notty" in " ".join(argv):  # its title: "sshd: USER@notty"
+            return chain + shells + [(pid, stat[2], " ".join(argv).strip())]
         else:
             break
-        pid = _stat(pid)[1]
+        pid = stat[1]
     return chain
 
 

@@ -7,9 +7,8 @@ ranks' files), nothing of the job left on any host within 60 s, and the same com
 never stopped.
 """
 
-import os
-import signal
 import shlex
+import signal
 import time
 
 import psutil
@@ -73,19 +72,14 @@ def uninterrupted(cluster, tmp_path_factory, small_corpus, bpe_tokenizer_dir):
     return root / "cache", numbers(root / "out")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
-def test_the_runner_on_the_head_signalled_stops_the_ranks_on_the_other_hosts_with_a_checkpoint(
-        sig, cluster, uninterrupted, tmp_path, small_corpus, bpe_tokenizer_dir):
-    cache, expected = uninterrupted
-    out = tmp_path / "out"
-    cmd = launch(cluster, tmp_path, out, cache, small_corpus, bpe_tokenizer_dir)
+def stop_runner(cluster, cmd, out, log, sig, after_step: int) -> int:
+    """Start the job, send `sig` to the runner on the head once a step past `after_step` is logged; check the stop;
+    the step saved."""
     proc = cluster.popen(cluster.head, cmd, cwd=REPO)
-    log = tmp_path / "launch.log"
-    wait_for_step(out, proc, log)
+    wait_for_step(out, proc, log, step=after_step + 1)
     assert all(job_left(cluster)[h] for h in cluster.hosts[:2]), job_left(cluster)  # a rank on each of n1, n2
     runner_on_head(cluster).send_signal(sig)
-    sent = time.monotonic()
-    took = wait_gone(cluster, proc, sent)
+    took = wait_gone(cluster, proc, time.monotonic())  # nothing of the job on any host within 60 s
     text = log.read_text()
     assert proc.returncode not in (0, None) and took < 60, text[-4000:]
     reached = max(r["step"] for r in read_log(out))
@@ -93,8 +87,18 @@ def test_the_runner_on_the_head_signalled_stops_the_ranks_on_the_other_hosts_wit
     saved = out / f"checkpoint-{reached}"
     assert (saved / "COMPLETE").is_file()
     assert {p.name for p in saved.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    return reached
 
+
+def test_the_runner_on_the_head_signalled_or_killed_stops_the_ranks_on_the_other_hosts_with_a_checkpoint(
+        cluster, uninterrupted, tmp_path, small_corpus, bpe_tokenizer_dir):
+    cache, expected = uninterrupted
+    out, log = tmp_path / "out", tmp_path / "launch.log"
+    cmd = launch(cluster, tmp_path, out, cache, small_corpus, bpe_tokenizer_dir)
+    first = stop_runner(cluster, cmd, out, log, signal.SIGTERM, 0)  # its pdsh mode: pkill of the remote launchers
+    second = stop_runner(cluster, cmd, out, log, signal.SIGKILL, first)  # the remote ssh sessions close
+    assert f"resumed from {out / f'checkpoint-{first}'} at step {first}" in log.read_text()
     res = cluster.run(cluster.head, cmd, timeout=900, cwd=REPO)  # the same command goes on from there
     assert res.returncode == 0, log.read_text()[-4000:]
-    assert f"resumed from {saved} at step {reached}" in log.read_text()
-    assert numbers(out) == expected
+    assert f"resumed from {out / f'checkpoint-{second}'} at step {second}" in log.read_text()
+    assert numbers(out) == expected  # the losses of a run never stopped
