@@ -63,9 +63,10 @@ PREFIX = "launch.sh"  # its only caller: the lines read as launch.sh's
 POLL_SECONDS = 0.2  # while stopping: how often the process tree is looked at (new ranks, orphans, the end)
 REAP_SECONDS = 10.0  # after SIGKILL: how long to wait for the kernel (a process in D state cannot die at once)
 LAUNCHER_FAILED = 1  # what torchrun and deepspeed.launcher.launch exit with when signalled or a worker failed
-# An agent without ranks this long while stopping is waiting for something else (torchrun's rendezvous with the other
-# nodes): it gets the signal itself. Shorter would catch a launcher that is only tearing down after its ranks ended
-# (deepspeed.launcher.launch looks at them once a second), and turn the ranks' status into the launcher's own 1.
+# An agent without any child this long while stopping is waiting for something else (torchrun's rendezvous with the
+# other nodes): it gets the signal itself. A child that is exiting, or exited and not yet reaped, still counts (a rank
+# tearing down several GB under load took 13 s here): its agent is about to pass its status on, and a signal now
+# would turn the ranks' 75 into the launcher's own 1 (or kill deepspeed.launcher.launch, whose runner then says 0).
 AGENT_IDLE_SECONDS = 5.0
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
@@ -162,7 +163,7 @@ def live_tree() -> list:
 
 def targets(job: Job, tree: list) -> list:
     """Who is sent the stop signal: the ranks (children of the agents), anything orphaned to this process, and
-    without --ranks-of COMMAND itself. Not an agent (unless it has had no rank for AGENT_IDLE_SECONDS) nor, with
+    without --ranks-of COMMAND itself. Not an agent (unless it has had no child for AGENT_IDLE_SECONDS) nor, with
     --ranks-of, the launcher above it: they would die or forward, and the ranks' exit status be lost on the way."""
     parents = {}
     for proc in tree:
@@ -174,9 +175,13 @@ def targets(job: Job, tree: list) -> list:
     agents = {p.pid: p for p in tree if job.ranks_of and p.pid in parents and _runs_module(p, job.ranks_of)}
     chosen = [p for p in tree if p.pid in parents and p.pid not in agents and (
         parents[p.pid] in agents or (parents[p.pid] == os.getpid() and (p.pid != job.child.pid or not job.ranks_of)))]
-    now, with_ranks = time.monotonic(), set(parents[p.pid] for p in chosen if p.pid in parents)
+    now = time.monotonic()
     for pid, agent in agents.items():
-        if pid in with_ranks:
+        try:  # any child at all, also one exiting or exited but not yet reaped (its agent has yet to see its status)
+            busy = bool(agent.children())
+        except psutil.Error:
+            busy = False
+        if busy:
             job.childless.pop(_key(agent), None)
         elif now - job.childless.setdefault(_key(agent), now) >= AGENT_IDLE_SECONDS:
             chosen.append(agent)
