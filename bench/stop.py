@@ -91,7 +91,7 @@ def run_case(case: str, work: Path, tokenizer: Path) -> str:
         pid = next(p.pid for p in procs if str(script) in " ".join(p.cmdline()) and "-m" not in p.cmdline()[1:3]
                    and "deepspeed" not in os.path.basename(p.cmdline()[1]) and "torchrun" not in p.cmdline()[1])
     else:
-        pid = next(p.pid for p in procs if target in p.cmdline())
+        pid = next(p.pid for p in procs if any(a == "-m" and b == target for a, b in zip(p.cmdline(), p.cmdline()[1:])))
     reached_before = steps(out)
     os.kill(pid, getattr(signal, name))
     sent = time.monotonic()

@@ -135,6 +135,13 @@ def is_launcher(argv: list) -> bool:
     return bool(names) and names[0] in LAUNCHERS
 
 
+def _launcher_name(argv: list) -> str:
+    """What a reader knows it by: the module of `python -m M`, the script of `python S` or `bash launch.sh`."""
+    if "-m" in argv[1:3] and argv.index("-m") + 1 < len(argv):
+        return argv[argv.index("-m") + 1]
+    return os.path.basename(argv[1] if len(argv) > 1 else argv[0])
+
+
 def launcher_chain(pid: int = None) -> list:
     """[(pid, start time, name)] of the launcher ancestors of `pid` (this process), nearest first; see the module
     docstring. Empty when it was not started by a launcher (or an ancestor ended while it was being read)."""
@@ -143,7 +150,7 @@ def launcher_chain(pid: int = None) -> list:
     while pid > 1 and (argv := _argv(pid)) and (stat := _stat(pid)):
         name = os.path.basename(argv[0])
         if not shells and is_launcher(argv):
-            chain.append((pid, stat[2], " ".join(argv[:3])))
+            chain.append((pid, stat[2], _launcher_name(argv)))
         elif chain and name in SHELLS and len(shells) < 2:  # above the top launcher: shells, then an ssh session
             shells.append((pid, stat[2], name))
         elif chain and name.startswith("sshd") and "@notty" in " ".join(argv):  # its title: "sshd: USER@notty"
