@@ -50,6 +50,11 @@ def job(marker: str) -> list:
     return found
 
 
+def module_of(argv: list):
+    """M of `python [-u] -m M ...` (the first -m: the supervisor's command line names its launcher's module later)."""
+    return argv[argv.index("-m") + 1] if "-m" in argv[:3] and argv.index("-m") + 1 < len(argv) else None
+
+
 def steps(out: Path) -> int:
     log = out / "train_log.jsonl"
     return len(log.read_text().splitlines()) if log.exists() else 0
@@ -91,7 +96,7 @@ def run_case(case: str, work: Path, tokenizer: Path) -> str:
         pid = next(p.pid for p in procs if str(script) in " ".join(p.cmdline()) and "-m" not in p.cmdline()[1:3]
                    and "deepspeed" not in os.path.basename(p.cmdline()[1]) and "torchrun" not in p.cmdline()[1])
     else:
-        pid = next(p.pid for p in procs if any(a == "-m" and b == target for a, b in zip(p.cmdline(), p.cmdline()[1:])))
+        pid = next(p.pid for p in procs if module_of(p.cmdline()) == target)
     reached_before = steps(out)
     os.kill(pid, getattr(signal, name))
     sent = time.monotonic()

@@ -298,6 +298,7 @@ def supervise(job: Job) -> int:
             os.read(wake_read, 4096)
         except BlockingIOError:
             pass
+    reap(job)  # an orphan that became a zombie after the last look: its status (a rank's 75) counts
     return exit_status(job)
 
 

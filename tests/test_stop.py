@@ -31,7 +31,8 @@ RANK_STOPPED = {sig: f"ds-mlm: {sig.name}: finishing this step, saving a checkpo
 
 
 def runs_module(argv, module) -> bool:
-    return any(a == "-m" and b == module for a, b in zip(argv, argv[1:]))
+    """`python [-u] -m MODULE ...` (the first -m: the supervisor's command line names its launcher's module later)."""
+    return "-m" in argv[:3] and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1] == module
 
 
 def lines(path) -> int:
