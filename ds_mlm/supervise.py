@@ -213,8 +213,9 @@ def reap(job: Job) -> None:
             return
         if pid == job.child.pid:
             job.status = job.child.returncode = os.waitstatus_to_exitcode(wait_status)
-        else:
+        else:  # an orphan of the job (its launcher died): say how it ended, the launcher cannot any more
             job.orphans_ended.append(os.waitstatus_to_exitcode(wait_status))
+            say(f"{pid} (orphaned here) ended: {describe(job.orphans_ended[-1])}")
 
 
 def step(job: Job) -> bool:
