@@ -154,11 +154,20 @@ def _name(proc: psutil.Process) -> str:
 
 
 def live_tree() -> list:
-    """Every live descendant of this process (orphans of the job included: they are re-parented here)."""
+    """Every live descendant of this process (orphans of the job included: they are re-parented here), and each
+    child of ours that shows as a zombie but is not reaped yet: a multi-threaded rank's main thread ends first, and
+    its status (75) only comes once its other threads have (seconds, under load)."""
     try:
-        return [p for p in psutil.Process().children(recursive=True) if _alive(p)]
+        return [p for p in psutil.Process().children(recursive=True) if _alive(p) or _ours(p)]
     except psutil.Error:
         return []
+
+
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        return proc.ppid() == os.getpid()
+    except psutil.Error:
+        return False
 
 
 def targets(job: Job, tree: list) -> list:
