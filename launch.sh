@@ -52,10 +52,12 @@
 #
 # Stopping: SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGUSR1 to launch.sh goes to every rank of the job on this node (each
 # command runs under ds_mlm/supervise.py, which passes the signal on), the ranks' own handling applies, and after
-# STOP_GRACE_SECONDS whatever is left is killed; no further command starts, and the exit status is non-zero. A
-# launcher that is signalled or killed itself (the deepspeed runner, torchrun) cannot leave its ranks running either.
-# From the master (HOSTFILE), the deepspeed runner's pdsh mode sends the other nodes' ranks SIGTERM (pkill), and
-# launch.sh cannot wait for those.
+# STOP_GRACE_SECONDS whatever is left is killed; no further command starts, and the exit status is never 0 (75 when
+# the ranks saved a checkpoint). A launcher that is signalled or killed itself (the deepspeed runner, torchrun,
+# deepspeed.launcher.launch, the supervisor) cannot leave its ranks running either: each rank watches its chain of
+# launchers and stops with a checkpoint when it changes. From the master (HOSTFILE), the deepspeed runner's pdsh mode
+# sends the other nodes' launchers SIGTERM (pkill); if the runner is killed, the supervisor ends pdsh and its ssh
+# sessions, and the remote ranks see theirs close. README, "Stop signals", has what each process does, measured.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

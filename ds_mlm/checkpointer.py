@@ -38,6 +38,7 @@ import torch
 
 from ds_mlm import atomic
 from ds_mlm.errors import UserError
+from ds_mlm.signals import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class Checkpointer:
                 cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
                        "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
                        "--num_merge_workers", "1"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                # tied to this rank: killed with it, even by SIGKILL (a signal unwinds through run(), which kills it)
+                proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent())
                 if proc.returncode != 0:
                     last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
                     saved = chosen["state"].get("plan", {}).get("world_size", "its")

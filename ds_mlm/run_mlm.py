@@ -193,7 +193,9 @@ def build_dataset(argv=None) -> int:
 def _command(argv=None) -> int:
     args = parse_args(argv)  # --help and a bad flag end here, before torch is imported
     from ds_mlm import distributed
+    from ds_mlm.signals import watch_launcher
 
+    watch_launcher()  # a rank whose launcher has gone stops like a signalled one, never trains on as an orphan
     try:
         code = run(*args)
     except BaseException:

@@ -24,9 +24,12 @@ What this process does:
     with the signal that ended COMMAND (SIGTERM if it was another).
   - GRACE seconds after the signal, everything left is killed (SIGKILL).
   - If launch.sh itself dies (kill -9), this process gets SIGTERM (PR_SET_PDEATHSIG): the job stops, unsupervised
-    it would run on.
-Exit status: COMMAND's (128 + N when signal N ended it). After a stop, a launcher's generic 1 (torchrun, and
-deepspeed.launcher.launch when it was signalled itself) becomes 128 + the stop signal.
+    it would run on. If this process dies (kill -9, the OOM killer), COMMAND gets SIGTERM the same way, and the ranks
+    see their launcher chain change (ds_mlm.signals.watch_launcher): they save and stop.
+Exit status: COMMAND's (128 + N when signal N ended it). After a stop, EXIT_PREEMPTED (75) when COMMAND or an
+orphan of the job that ended here exited with it (the ranks saved a checkpoint: a launcher killed by the signal, or
+deepspeed.launcher.launch killed, whose runner then says 0); otherwise a launcher's 0 or generic 1 (torchrun, and
+deepspeed.launcher.launch when it was signalled itself) becomes 128 + the stop signal: a stopped job never says 0.
 """
 
 import signal
@@ -54,13 +57,16 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import psutil  # noqa: E402
 
+from ds_mlm.signals import EXIT_PREEMPTED, die_with_parent  # noqa: E402
+
 PREFIX = "launch.sh"  # its only caller: the lines read as launch.sh's
 POLL_SECONDS = 0.2  # while stopping: how often the process tree is looked at (new ranks, orphans, the end)
 REAP_SECONDS = 10.0  # after SIGKILL: how long to wait for the kernel (a process in D state cannot die at once)
 LAUNCHER_FAILED = 1  # what torchrun and deepspeed.launcher.launch exit with when signalled or a worker failed
-# An agent without ranks this long while stopping is waiting for something else (torchrun's rendezvous with the other
-# nodes): it gets the signal itself. Shorter would catch a launcher that is only tearing down after its ranks ended
-# (deepspeed.launcher.launch looks at them once a second), and turn the ranks' status into the launcher's own 1.
+# An agent without any child this long while stopping is waiting for something else (torchrun's rendezvous with the
+# other nodes): it gets the signal itself. A child that is exiting, or exited and not yet reaped, still counts (a rank
+# tearing down several GB under load took 13 s here): its agent is about to pass its status on, and a signal now
+# would turn the ranks' 75 into the launcher's own 1 (or kill deepspeed.launcher.launch, whose runner then says 0).
 AGENT_IDLE_SECONDS = 5.0
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
@@ -89,6 +95,8 @@ class Job:
     """time.monotonic() of the first SIGKILL."""
     childless: dict = field(default_factory=dict)
     """(pid, start time) of each agent seen without ranks while stopping -> since when (time.monotonic())."""
+    orphans_ended: list = field(default_factory=list)
+    """Exit statuses of the processes of the job re-parented here (orphans) that ended here."""
 
     def __post_init__(self):
         if not self.command:
@@ -146,16 +154,25 @@ def _name(proc: psutil.Process) -> str:
 
 
 def live_tree() -> list:
-    """Every live descendant of this process (orphans of the job included: they are re-parented here)."""
+    """Every live descendant of this process (orphans of the job included: they are re-parented here), and each
+    child of ours that shows as a zombie but is not reaped yet: a multi-threaded rank's main thread ends first, and
+    its status (75) only comes once its other threads have (seconds, under load)."""
     try:
-        return [p for p in psutil.Process().children(recursive=True) if _alive(p)]
+        return [p for p in psutil.Process().children(recursive=True) if _alive(p) or _ours(p)]
     except psutil.Error:
         return []
 
 
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        return proc.ppid() == os.getpid()
+    except psutil.Error:
+        return False
+
+
 def targets(job: Job, tree: list) -> list:
     """Who is sent the stop signal: the ranks (children of the agents), anything orphaned to this process, and
-    without --ranks-of COMMAND itself. Not an agent (unless it has had no rank for AGENT_IDLE_SECONDS) nor, with
+    without --ranks-of COMMAND itself. Not an agent (unless it has had no child for AGENT_IDLE_SECONDS) nor, with
     --ranks-of, the launcher above it: they would die or forward, and the ranks' exit status be lost on the way."""
     parents = {}
     for proc in tree:
@@ -167,9 +184,13 @@ def targets(job: Job, tree: list) -> list:
     agents = {p.pid: p for p in tree if job.ranks_of and p.pid in parents and _runs_module(p, job.ranks_of)}
     chosen = [p for p in tree if p.pid in parents and p.pid not in agents and (
         parents[p.pid] in agents or (parents[p.pid] == os.getpid() and (p.pid != job.child.pid or not job.ranks_of)))]
-    now, with_ranks = time.monotonic(), set(parents[p.pid] for p in chosen if p.pid in parents)
+    now = time.monotonic()
     for pid, agent in agents.items():
-        if pid in with_ranks:
+        try:  # any child at all, also one exiting or exited but not yet reaped (its agent has yet to see its status)
+            busy = bool(agent.children())
+        except psutil.Error:
+            busy = False
+        if busy:
             job.childless.pop(_key(agent), None)
         elif now - job.childless.setdefault(_key(agent), now) >= AGENT_IDLE_SECONDS:
             chosen.append(agent)
@@ -201,6 +222,9 @@ def reap(job: Job) -> None:
             return
         if pid == job.child.pid:
             job.status = job.child.returncode = os.waitstatus_to_exitcode(wait_status)
+        else:  # an orphan of the job (its launcher died): say how it ended, the launcher cannot any more
+            job.orphans_ended.append(os.waitstatus_to_exitcode(wait_status))
+            say(f"{pid} (orphaned here) ended: {describe(job.orphans_ended[-1])}")
 
 
 def step(job: Job) -> bool:
@@ -252,7 +276,9 @@ def step(job: Job) -> bool:
 def exit_status(job: Job) -> int:
     code = job.status if job.status is not None else -signal.SIGKILL
     code = 128 - code if code < 0 else code
-    if job.stop is not None and code == LAUNCHER_FAILED:
+    if job.stop is not None and EXIT_PREEMPTED in (code, *job.orphans_ended):
+        return EXIT_PREEMPTED  # the ranks saved a checkpoint of the step reached: resumable
+    if job.stop is not None and code in (0, LAUNCHER_FAILED):
         code = 128 + job.stop
     return code
 
@@ -273,7 +299,8 @@ def supervise(job: Job) -> int:
     if requests:  # stopped before anything started: start nothing
         say(f"{signal.Signals(requests[0]).name} received before the start: nothing run")
         return 128 + requests[0]
-    job.child = subprocess.Popen(job.command)
+    # if this process dies (kill -9, the OOM killer), COMMAND gets SIGTERM: the launchers pass it on or die of it
+    job.child = subprocess.Popen(job.command, preexec_fn=die_with_parent(signal.SIGTERM))
     while step(job):
         idle = job.stop is None and job.status is None
         select.select([wake_read], [], [], None if idle else POLL_SECONDS)
@@ -281,6 +308,7 @@ def supervise(job: Job) -> int:
             os.read(wake_read, 4096)
         except BlockingIOError:
             pass
+    reap(job)  # an orphan that became a zombie after the last look: its status (a rank's 75) counts
     return exit_status(job)
 
 

@@ -17,6 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# What the tests start, and signal, starts with default dispositions however the suite was started: a background job
+# of a script (`bash tests/run.sh &`, cron, CI wrappers) begins with SIGINT and SIGQUIT ignored, nohup with SIGHUP
+# ignored; a child inherits an ignored signal (bash cannot even trap it), a handled one is reset to default at exec.
+for _sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
 
 def cpu_mixed_precision() -> str:
     """What --fp16 (and bf16) trains in on this CPU: bf16 where oneDNN computes it natively (AVX512-BF16/AMX), else

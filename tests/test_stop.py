@@ -1,19 +1,22 @@
-"""Stopping a job stops all of it, in every mode of launch.sh that runs here: the deepspeed runner on one machine,
-two --no_ssh "nodes", torchrun, the demo. Each job (roberta-tiny, 64 ids per sample, 100,000 steps) is signalled once
-it trains; then nothing of it may be left: no process whose command line names the test's directory (launch.sh,
-the supervisor, the runner, deepspeed.launcher.launch, torchrun, the ranks), none of the pids seen before the signal;
-the exit status is non-zero, train_log.jsonl stops growing, /dev/shm keeps no DeepSpeed buffer of the job's port.
+"""Stopping a job stops all of it, whichever process of it is signalled: the deepspeed runner or torchrun started by
+hand with the README's command, launch.sh in each of its modes (the deepspeed runner on one machine, two --no_ssh
+"nodes", torchrun, the demo), a launcher inside launch.sh killed, the supervisor killed. Each job (roberta-tiny, 64 ids
+per sample) is signalled once it trains; then nothing of it may be left: no process whose command line names the
+test's directory (launch.sh, the supervisor, the runner, deepspeed.launcher.launch, torchrun, the ranks), none of the
+pids seen before the signal; the exit status is the documented one (README, "Stop signals"), train_log.jsonl stops
+growing, /dev/shm keeps no DeepSpeed buffer of the job's port, and the ranks saved a complete checkpoint of the step
+they reached (the same command then goes on exactly as a run never stopped).
 """
 
 import os
-import re
 import signal
+import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import free_port
+from conftest import REPO, free_port, numbers, read_log, run
 from ds_mlm.signals import EXIT_PREEMPTED
 from test_distributed_launchers import no_shm_leak, start
 from test_launch import LAUNCH, job_env, no_launch_variables  # noqa: F401 (an autouse fixture)
@@ -27,11 +30,9 @@ RANK_STOPPED = {sig: f"ds-mlm: {sig.name}: finishing this step, saving a checkpo
                      f"{EXIT_PREEMPTED}" for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
-def ranks_status(text: str) -> int:
-    """The status deepspeed.launcher.launch saw its (first failing) rank exit with, from its log line."""
-    found = re.findall(r"exits with return code = (-?\d+)", text)
-    assert found, "deepspeed.launcher.launch reported no rank's exit status"
-    return int(found[0])
+def runs_module(argv, module) -> bool:
+    """`python [-u] -m MODULE ...` (the first -m: the supervisor's command line names its launcher's module later)."""
+    return "-m" in argv[:3] and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1] == module
 
 
 def lines(path) -> int:
@@ -55,21 +56,29 @@ def wait_until_training(procs, logs, train_log, since: float, timeout=240):
         time.sleep(0.2)
 
 
+def all_gone(marker: str, before, sent: float, within=60.0) -> float:
+    """Seconds from `sent` until no process of the job is left (the ranks may outlive a killed launcher while they
+    save); fails past `within`."""
+    while job_processes(marker) or [p for p in before if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() - sent < within, "processes of the job survived it: " + ", ".join(
+            " ".join(p.cmdline()[:4]) for p in job_processes(marker))
+        time.sleep(0.2)
+    return time.monotonic() - sent
+
+
 def signalled(tmp_path, procs, logs, target, sig, since: float):
     """Send `sig` to `target` ("launch.sh": node 0's, or a launcher's module) once the job trains (has logged a step
-    since `since`); check that nothing of the job is left once every launch.sh has ended. Statuses and logs."""
+    since `since`); check that nothing of the job is left soon after. Statuses and logs."""
     train_log = tmp_path / "out" / "train_log.jsonl"
     wait_until_training(procs, logs, train_log, since)
     before = job_processes(str(tmp_path))
     names = " ".join(" ".join(p.cmdline()) for p in before)
     assert "ds_mlm.supervise" in names and "run_mlm.py" in names
-    pid = procs[0].pid if target == "launch.sh" else next(p.pid for p in before if p.cmdline()[1:3] == ["-m", target])
+    pid = procs[0].pid if target == "launch.sh" else next(p.pid for p in before if runs_module(p.cmdline(), target))
     os.kill(pid, sig)
     sent = time.monotonic()
     statuses = [p.wait(timeout=GRACE + 30) for p in procs]
-    took = time.monotonic() - sent
-    assert job_processes(str(tmp_path)) == [], "processes of the job survived it"
-    assert not [p for p in before if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    took = all_gone(str(tmp_path), before, sent)
     assert took < GRACE, f"{took:.1f} s: the ranks should have stopped by themselves, long before the grace ended"
     count = lines(train_log)
     time.sleep(1.0)
@@ -92,33 +101,95 @@ def assert_stopped_through_launch_sh(text, sig, launcher="deepspeed"):
     assert ("Traceback" in text) == (launcher == "torchrun" and "ChildFailedError" in text)
 
 
-def test_sigterm_then_sigint_to_launch_sh_stop_two_ranks_and_the_directory_is_usable_again(
-        tmp_path, bpe_tokenizer_dir, small_corpus):
+def saved_at_the_step_reached(out) -> int:
+    reached = max(r["step"] for r in read_log(out))
+    assert (out / "latest_checkpoint").read_text() == f"checkpoint-{reached}\n"
+    assert (out / f"checkpoint-{reached}" / "COMPLETE").is_file() and not (out / "roberta_thai").exists()
+    return reached
+
+
+# -- by hand: the README's commands, each launcher signalled alone ------------------------------------------------------
+
+STEPS = 50  # far from any scheduled save (--save_steps 1000); the signal comes at the first logged step
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def mlm_args(out, cache, corpus, tokenizer) -> list:
+    return ["--tokenizer_name_or_path", tokenizer, "--train_dir", corpus[0], "--output_dir", out,
+            "--datasets_cache_dir", cache, "--architecture", "roberta-tiny", "--max_seq_length", "64",
+            "--per_device_train_batch_size", "4", "--max_steps", str(STEPS), "--logging_steps", "1",
+            "--save_steps", "1000", "--learning_rate", "2e-3", "--deepspeed_config", "zero0.json"]
+
+
+# one thread per process everywhere (launch.sh, the launchers and the reference would each pick their own count, and
+# the losses would differ in their last bits); the rest of launch.sh's job comes from the arguments, which win
+SAME_MATH = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_corpus, bpe_tokenizer_dir):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cache = root / "cache"
+    run([sys.executable, REPO / "ds_mlm" / "run_mlm.py",
+         *mlm_args(root / "out", cache, small_corpus, bpe_tokenizer_dir)], env=SAME_MATH)
+    return cache, numbers(root / "out")
+
+
+def by_hand(how, args, port, tmp_path) -> tuple:
+    """(command, environment, status after SIGTERM to its first process): the README's command for `how`."""
+    script = REPO / "ds_mlm" / "run_mlm.py"
+    if how == "deepspeed":  # no handler: dies of it (143); the ranks see their launcher end, save, exit 75
+        return [VENV_BIN / "deepspeed", "--num_gpus", "1", "--master_port", port, script, *args], SAME_MATH, -15
+    if how == "torchrun":  # passes it to the ranks, which save; then its traceback and status 1
+        return [VENV_BIN / "torchrun", "--nproc_per_node", "1", "--master_port", port, script, *args], SAME_MATH, 1
+    env = {**SAME_MATH, "MASTER_PORT": str(port), "PROJECT_TRAIN_DIR": str(args[3]), "PROJECT_TOKENIZER": str(args[1]),
+           "PROJECT_OUTPUT_DIR": str(args[5])}
+    return ["bash", LAUNCH, *args], env, EXIT_PREEMPTED  # the ranks' own status, passed on
+
+
+@pytest.mark.parametrize("how", ["deepspeed", "torchrun", "launch.sh"])
+def test_sigterm_to_the_launcher_alone_saves_the_step_reached_and_the_same_command_goes_on_exactly(
+        how, uninterrupted, tmp_path, small_corpus, bpe_tokenizer_dir):
+    cache, expected = uninterrupted
     port = free_port()
-    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, **TRAINING, N_GPUS_PER_NODE="2",
-                  MASTER_PORT=str(port), STOP_GRACE_SECONDS=str(GRACE))
-    code, text = stop_one(tmp_path, env, "launch.sh", signal.SIGTERM)
-    assert code == ranks_status(text) == EXIT_PREEMPTED, text[-3000:]  # the ranks' own status, passed on
-    assert_stopped_through_launch_sh(text, signal.SIGTERM)
-    assert text.count(RANK_STOPPED[signal.SIGTERM]) == 2  # both ranks: "[rank 0] ...", "[rank 1] ..."
-    saved = (tmp_path / "out" / "latest_checkpoint").read_text().strip()  # the step the signal found
-    assert (tmp_path / "out" / saved / "COMPLETE").is_file()
+    out = tmp_path / "out"
+    cmd, env, status = by_hand(how, mlm_args(out, cache, small_corpus, bpe_tokenizer_dir), port, tmp_path)
+    log, since = tmp_path / "stopped.log", time.time()
+    proc = start(cmd, log, env)
+    wait_until_training([proc], [log], out / "train_log.jsonl", since)
+    before = job_processes(str(tmp_path))
+    proc.send_signal(signal.SIGTERM)  # the launcher's process only, as `kill PID` or a container runtime does
+    sent = time.monotonic()
+    code = proc.wait(timeout=60)
+    all_gone(str(tmp_path), before, sent, within=60)
+    text = log.read_text()
+    assert code == status, text[-3000:]
+    reached = saved_at_the_step_reached(out)
+    assert reached < STEPS, "the run ended before the stop: the test proves nothing"
     assert no_shm_leak(port)
+    if how == "deepspeed":
+        assert "ds-mlm: its launcher is gone: " in text and f"exits with return code = {EXIT_PREEMPTED}" in text
+    else:
+        assert RANK_STOPPED[signal.SIGTERM] in text
 
-    # a second job in the same output directory (on 1 process now) goes on from there; Ctrl-C stops it likewise
-    code, text = stop_one(tmp_path, {**env, "N_GPUS_PER_NODE": "1"}, "launch.sh", signal.SIGINT)
-    assert code == ranks_status(text) == EXIT_PREEMPTED, text[-3000:]
-    assert_stopped_through_launch_sh(text, signal.SIGINT)
-    assert "ds-mlm: error" not in text and f"resumed from {tmp_path / 'out' / saved}" in text
+    rerun_log = tmp_path / "rerun.log"
+    assert start(cmd, rerun_log, env).wait(timeout=600) == 0, rerun_log.read_text()[-3000:]
+    assert f"resumed from {out / f'checkpoint-{reached}'} at step {reached}" in rerun_log.read_text()
+    assert numbers(out) == expected  # every loss, lr and grad norm of the uninterrupted run, bit for bit
 
+
+# -- inside launch.sh: a launcher signalled or killed, the supervisor killed --------------------------------------------
 
 @pytest.mark.parametrize("launcher, processes, target, sig, status", [
-    ("deepspeed", 1, "deepspeed.launcher.runner", signal.SIGTERM, 143),  # the runner dies; its orphans are stopped
-    ("torchrun", 2, "launch.sh", signal.SIGINT, 130),  # torchrun says 1 for any failed worker: 128 + SIGINT instead
-    ("torchrun", 1, "torch.distributed.run", signal.SIGTERM, 1),  # torchrun's own handling: its traceback, status 1
-], ids=["runner-TERM", "torchrun-launch.sh-INT", "torchrun-itself-TERM"])
-def test_a_signal_to_the_launcher_or_through_torchrun_stops_every_rank(launcher, processes, target, sig, status,
-                                                                       tmp_path, bpe_tokenizer_dir, small_corpus):
+    # torchrun says 1 for any failed worker: 128 + SIGINT instead
+    ("torchrun", 2, "launch.sh", signal.SIGINT, 130),
+    # its runner then exits 0 (DeepSpeed passes on only a positive status); the ranks saved: 75, never 0
+    ("deepspeed", 1, "deepspeed.launcher.launch", signal.SIGKILL, EXIT_PREEMPTED),
+    # kill -9 or the OOM killer: the runner gets SIGTERM (parent-death signal), the ranks see their chain change
+    ("deepspeed", 1, "ds_mlm.supervise", signal.SIGKILL, 128 + signal.SIGKILL),
+], ids=["torchrun-launch.sh-INT", "launch.py-KILL", "supervise-KILL"])
+def test_a_launcher_signalled_or_killed_inside_launch_sh_stops_every_rank_with_a_checkpoint(
+        launcher, processes, target, sig, status, tmp_path, bpe_tokenizer_dir, small_corpus):
     port = free_port()
     env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, **TRAINING, LAUNCHER=launcher,
                   N_GPUS_PER_NODE=str(processes), MASTER_PORT=str(port), STOP_GRACE_SECONDS=str(GRACE))
@@ -126,8 +197,10 @@ def test_a_signal_to_the_launcher_or_through_torchrun_stops_every_rank(launcher,
     assert code == status, text[-3000:]
     if target == "launch.sh":
         assert_stopped_through_launch_sh(text, sig, launcher)
-    if target == "deepspeed.launcher.runner":
-        assert "launch.sh: the launcher ended (killed by SIGTERM) but 2 processes of its job are still running" in text
+        assert text.count(RANK_STOPPED[sig]) == 2  # both ranks: "[rank 0] ...", "[rank 1] ..."
+    else:
+        assert "ds-mlm: its launcher is gone: " in text
+    saved_at_the_step_reached(tmp_path / "out")
     assert no_shm_leak(port)
 
 
@@ -174,7 +247,7 @@ def test_a_torchrun_node_waiting_for_the_others_stops_at_once(tmp_path, bpe_toke
     log = tmp_path / "launch.log"
     proc = start(["bash", LAUNCH], log, env)
     deadline = time.monotonic() + 120
-    while not [p for p in job_processes(str(tmp_path)) if p.cmdline()[1:3] == ["-m", "torch.distributed.run"]]:
+    while not [p for p in job_processes(str(tmp_path)) if runs_module(p.cmdline(), "torch.distributed.run")]:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
     time.sleep(3.0)  # in its rendezvous: no rank exists to pass the signal to

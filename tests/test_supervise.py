@@ -16,11 +16,13 @@ import psutil
 import pytest
 
 from conftest import REPO
+from ds_mlm.signals import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
 RANK = r'''"""A rank: records its pid, then each stop signal it gets; MODE=handles exits 128+N half a second
-later, ignores keeps running; with CHILD=1 it first starts a child of its own that ignores every stop signal."""
+later, saves exits 75 (a checkpoint saved) likewise, ignores keeps running; with CHILD=1 it first starts a child of
+its own that ignores every stop signal."""
 import os, signal, subprocess, sys, time
 log = os.path.join(sys.argv[1], f"rank-{os.getpid()}")
 mode = os.environ["MODE"]
@@ -29,9 +31,9 @@ mode = os.environ["MODE"]
 def got(signum, frame):
     with open(log, "a") as f:
         print(signal.Signals(signum).name, file=f)
-    if mode == "handles":
+    if mode in ("handles", "saves"):
         time.sleep(0.5)  # a checkpoint being saved
-        sys.exit(128 + signum)
+        sys.exit(75 if mode == "saves" else 128 + signum)
 
 
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
@@ -76,11 +78,11 @@ while True:
     time.sleep(0.05)
 '''
 RUNNER = r'''"""Like deepspeed.launcher.runner without pdsh: no signal handler; starts the agent (after DELAY s),
-waits for it."""
+waits for it, passes on a positive status only (an agent killed by a signal: 0)."""
 import os, subprocess, sys, time
 time.sleep(float(os.environ.get("DELAY", "0")))
 agent = subprocess.Popen([sys.executable, "-m", "fake_agent", *sys.argv[1:]], cwd=sys.argv[1])
-sys.exit(agent.wait())
+sys.exit(max(agent.wait(), 0))
 '''
 
 
@@ -192,6 +194,19 @@ def test_a_killed_launcher_does_not_leave_its_ranks_running(stand_in):
     assert list(rank_logs(stand_in).values()) == [["SIGTERM"], ["SIGTERM"]]
     assert gone(pids)
     assert "the launcher ended (killed by SIGTERM) but 3 processes of its job are still running" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("mode, status", [("saves", EXIT_PREEMPTED), ("handles", 143)])
+def test_a_killed_agent_whose_runner_says_0_is_still_a_stop(stand_in, mode, status):
+    proc = supervised(stand_in, mode=mode)
+    wait_for(lambda: len(rank_logs(stand_in)) == 2, what="two ranks")
+    pids = job_pids(proc.pid)
+    agent = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "fake_agent" in p.cmdline())
+    agent.kill()  # the runner exits 0, as DeepSpeed's does; the ranks, orphaned here, get SIGTERM
+    assert proc.wait(20) == status  # 75 when a rank saved; else 128 + SIGTERM: never the runner's 0
+    assert list(rank_logs(stand_in).values()) == [["SIGTERM"], ["SIGTERM"]]
+    assert gone(pids)
+    assert "the launcher ended (exit status 0) but 2 processes of its job are still running" in proc.stderr.read()
 
 
 def test_ranks_started_after_the_signal_get_it_too(stand_in):
