@@ -321,6 +321,26 @@ else
     done
   } >"$env_file"
   export DS_ENV_FILE=$env_file  # an absolute name: the launcher's join(dir, name) then yields exactly this file
+
+  # Before any rank starts, every node is checked at once over ssh (ds_mlm/hosts.py): reachable, this Python and the
+  # project, corpus and tokenizer at the same paths, the master address answering, the interface variables naming
+  # interfaces it has. One line per problem, exit status 2, nothing started.
+  checks=(--path "the project=$root/ds_mlm/run_mlm.py")
+  kind=''
+  for arg in "${args[@]+"${args[@]}"}"; do
+    case $arg in
+      --train_dir) kind='the corpus --train_dir' ;;
+      --eval_dir) kind='the corpus --eval_dir' ;;
+      --tokenizer_name_or_path) kind='the tokenizer --tokenizer_name_or_path' ;;
+      --config_name) kind='the model config --config_name' ;;
+      --*) kind='' ;;
+      *) if [ -n "$kind" ]; then checks+=(--path "$kind=$arg"); fi ;;
+    esac
+  done
+  echo "launch.sh: checking the nodes of $HOSTFILE (ssh, paths, master address, interfaces)"
+  "$python" -m ds_mlm.hosts --prog launch.sh --hostfile "$hostfile" --env_file "$env_file" \
+    --master_addr "$master_addr" --master_port "$master_port" --launcher_args "${LAUNCHER_ARGS:-}" \
+    --python "$python" "${checks[@]}" || exit 2
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
     ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi

@@ -78,6 +78,25 @@ def world_of_one():
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A test cluster of real hosts (tests/cluster.py): n1, n2, n3 and a head, each a namespace with its own sshd.
+    Skips with one line where the machine cannot host it, unless DS_MLM_REQUIRE_CLUSTER=1 (CI) makes that a failure."""
+    import atexit
+
+    from cluster import Cluster, unavailable
+
+    why = unavailable()
+    if why:
+        if os.environ.get("DS_MLM_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"DS_MLM_REQUIRE_CLUSTER=1 but {why}")
+        pytest.skip(why)
+    made = Cluster(tmp_path_factory.mktemp("cluster"), n_hosts=3)
+    atexit.register(made.close)  # an interrupted session still removes it; a killed one: the next start does
+    yield made
+    made.close()
+
+
 @pytest.fixture(scope="session")
 def sample_dirs():
     """(train_dir, eval_dir) of the bundled sample corpus."""
