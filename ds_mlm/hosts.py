@@ -75,7 +75,7 @@ def read_hostfile(path: str) -> list[str]:
 
 def launcher_view(launcher_args: str, hosts: list[str]) -> tuple[str, list[str], list[str]]:
     """(backend, the hosts the launcher will use, extra ssh options) from the deepspeed launcher's own flags:
-    --launcher, --include/--exclude (`host1@host2:0,1`: a host with slots named keeps its other slots) and --ssh_port."""
+    --launcher, --include/--exclude (`host1@host2:0,1`: a host named with slots keeps its other slots), --ssh_port."""
     parser = argparse.ArgumentParser(add_help=False)
     for flag in ("--launcher", "--include", "--exclude", "--ssh_port"):
         parser.add_argument(flag, default="")
@@ -105,18 +105,21 @@ def ifname_values(env_file: str | None) -> dict[str, str]:
 
 def remote_script(python: str, paths: list[tuple[str, str]], master: str, port: int, ifnames: dict) -> str:
     """The shell command one ssh session runs on a host: paths first, then the Python part (if the Python is there)."""
-    lines = [f"[ -e {shlex.quote(p)} ] || echo {shlex.quote(f'problem: {kind} {p} is not there: every node needs it at the same path (a shared file system, or rsync -a)')}"
-             for kind, p in paths]
-    lines.append(f"if [ -x {shlex.quote(python)} ]; then exec {shlex.quote(python)} -c {shlex.quote(REMOTE_PY)} "
-                 f"{shlex.quote(master)} {port} {' '.join(shlex.quote(f'{k}={v}') for k, v in ifnames.items())}; "
-                 f"else echo {shlex.quote(f'problem: no {python} (the Python of this node): put the repository and its .venv at the same path on every node (bash scripts/bootstrap.sh there)')}; fi")
+    q = shlex.quote
+    missing = "is not there: every node needs it at the same path (a shared file system, or rsync -a)"
+    lines = [f"[ -e {q(p)} ] || echo {q(f'problem: {kind} {p} {missing}')}" for kind, p in paths]
+    no_python = (f"problem: no {python} (the Python of this node): put the repository and its .venv at the same path "
+                 "on every node (bash scripts/bootstrap.sh there)")
+    variables = " ".join(q(f"{k}={v}") for k, v in ifnames.items())
+    lines.append(f"if [ -x {q(python)} ]; then exec {q(python)} -c {q(REMOTE_PY)} {q(master)} {port} {variables}; "
+                 f"else echo {q(no_python)}; fi")
     return "\n".join(lines)
 
 
 def ssh(host: str, command: str, timeout: float = SESSION_TIMEOUT) -> tuple[int, str, str]:
     try:
-        proc = subprocess.run(["ssh", *SSH_OPTIONS, *EXTRA_SSH, host, command], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(["ssh", *SSH_OPTIONS, *EXTRA_SSH, host, command], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return 255, "", f"no answer within {timeout:.0f} s"
     return proc.returncode, proc.stdout, proc.stderr

@@ -315,5 +315,6 @@ class Cluster:
         proc = self.run(self.head, f"pdsh -R ssh -w {names} hostname", timeout=bound)
         got = sorted(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if ":" in line)
         if got != sorted(self.hosts):
-            raise RuntimeError(f"test cluster: pdsh from the head reached {got}, not {self.hosts}: {proc.stderr.strip()}")
+            raise RuntimeError(f"test cluster: pdsh from the head reached {got}, not {self.hosts}: "
+                               f"{proc.stderr.strip()}")
 

@@ -1,5 +1,5 @@
-"""launch.sh and hostfiles/: the checks, the dataset-only build, two "nodes" on one machine (one launch.sh per node,
-and all from the master through a stand-in pdsh), torchrun, and the demo path with tiny values."""
+"""launch.sh and hostfiles/: the checks, the dataset-only build, two "nodes" on one machine (one launch.sh per node),
+torchrun, and the demo path with tiny values. From the master over real ssh and pdsh: tests/test_cluster_pdsh.py."""
 
 import os
 import subprocess
@@ -16,23 +16,6 @@ LAUNCH = REPO / "launch.sh"
 SHIPPED_HOSTFILES = sorted((REPO / "hostfiles").iterdir())
 LAUNCH_VARIABLES = {*DIST_ENV, "N_NODES", "NODE_RANK", "N_GPUS_PER_NODE", "HOSTFILE", "LAUNCHER", "LAUNCHER_ARGS",
                     "BUILD_DATASET_ONLY", "DS_CONFIG", "DS_ENV_FILE"}
-FAKE_PDSH = r"""#!/usr/bin/env bash
-# pdsh on one machine: runs the command once per -w host, here, with %n = the host's index, in an environment as
-# bare as a fresh ssh login's (only what the launcher exports in the command reaches the ranks); logs its arguments.
-printf '%s\n' "$*" >>"$(dirname "$0")/pdsh.log"
-while [ $# -gt 0 ]; do case $1 in -w) hosts=$2; shift 2 ;; -f) shift 2 ;; -S) shift ;; *) break ;; esac; done
-IFS=, read -r -a names <<<"$hosts"
-command=$*
-placeholder=%n
-pids=()
-for i in "${!names[@]}"; do
-  env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "${command//"$placeholder"/$i}" &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-exit $status
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -133,33 +116,6 @@ def test_torchrun_through_launch_sh_builds_the_cache_once(tmp_path, bpe_tokenize
     assert "x 2 processes" in proc.stdout
     assert proc.stdout.count("train: built") == 1 and "rank 1: waiting for dataset build" in proc.stdout
     assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 4
-
-
-@pytest.mark.slow
-def test_two_nodes_from_the_master_pass_the_environment_on(tmp_path, bpe_tokenizer_dir, small_corpus):
-    bin_dir, home = tmp_path / "bin", tmp_path / "home"
-    bin_dir.mkdir()
-    home.mkdir()
-    (bin_dir / "pdsh").write_text(FAKE_PDSH)
-    (bin_dir / "pdsh").chmod(0o755)
-    (home / ".deepspeed_env").write_text("# the user's own settings\nDS_MLM_MARK=from-home\n\n")
-    (tmp_path / "hostfile").write_text("node-0 slots=1  # the master\nnode-1 slots=1\n")
-    env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, HOSTFILE=str(tmp_path / "hostfile"), HOME=str(home),
-                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LAUNCHER_ARGS="--no_ssh_check",
-                  PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="", DS_ACCELERATOR="")
-    proc = launch(env)
-    assert "x 2 processes" in proc.stdout
-
-    env_file = (tmp_path / "out" / "launch" / "deepspeed_env").read_text().splitlines()
-    assert env_file[0] == f"OMP_NUM_THREADS={max(len(os.sched_getaffinity(0)), 1)}"  # one process per node
-    assert {"MASTER_ADDR=127.0.0.1", "DS_ACCELERATOR=cpu"} <= set(env_file)
-    assert env_file[-1] == "DS_MLM_MARK=from-home"  # the user's file comes last (it wins), comments dropped
-    pdsh_args = (bin_dir / "pdsh.log").read_text()
-    assert "-w node-0,node-1" in pdsh_args and "--node_rank=%n" in pdsh_args
-    for exported in ("OMP_NUM_THREADS", "DS_ACCELERATOR=cpu", "DS_MLM_MARK=from-home"):
-        assert f"export {exported}" in pdsh_args
-    for rank in (0, 1):
-        assert (tmp_path / "out" / "checkpoint-4" / f"rng_state_{rank}.pt").is_file()
 
 
 @pytest.mark.slow
