@@ -173,6 +173,10 @@ def init(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+    # DeepSpeed's own groups (ZeRO's data-parallel group...) are made by new_group() without a timeout: torch gives
+    # them its default (30 min for gloo), read from these module globals at each call. Make theirs ours.
+    torch.distributed.distributed_c10d.default_pg_timeout = timedelta(minutes=timeout_minutes)
+    torch.distributed.distributed_c10d.default_pg_nccl_timeout = timedelta(minutes=timeout_minutes)
     if _peers is None and job_store() is not None:
         info = env_info()
         _peers = Peers(job_store(), info.rank, info.world_size, timeout_minutes * 60).start()
