@@ -12,8 +12,8 @@ thread touches it every HEARTBEAT_SECONDS. A lock is stale, and taken over, when
 process is gone (kill -9 included: the pid is dead or now belongs to a process started later), or when its
 heartbeat is older than STALE_SECONDS (a holder on another host that died or lost the file system, or a stopped one).
 A holder whose heartbeat thread beats while its work hangs is never stale: a waiter gives up after wait_limit
-seconds (LOCK_WAIT_SECONDS), naming the holder, and says every SAY_WAITING_EVERY seconds that it still waits. Taking over
-renames the stale file to a unique name first, so of several jobs racing for a stale lock exactly one wins.
+seconds (LOCK_WAIT_SECONDS), naming the holder, and says every SAY_WAITING_EVERY seconds that it still waits.
+Taking over renames the stale file to a unique name first, so of several jobs racing for a stale lock exactly one wins.
 
 Why not fcntl/flock: Lustre mounted without `-o flock` refuses them or keeps them node-local (`localflock`), NFS
 lock recovery after a client crash takes the server's grace period, and a POSIX lock silently vanishes when any

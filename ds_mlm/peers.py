@@ -132,7 +132,8 @@ class Peers:
 
     def barrier(self, name: str, what: str) -> None:
         """Every rank reached `name` (a wait that names whoever is silent, not a collective's timeout)."""
-        key, check, pauses = f"{self.prefix}/{self.unique(name)}/count", self.watching(range(self.world_size)), _pauses()
+        key = f"{self.prefix}/{self.unique(name)}/count"
+        check, pauses = self.watching(range(self.world_size)), _pauses()
         self._call("add", key, 1)
         while self._call("add", key, 0) < self.world_size:
             check(what)
@@ -140,9 +141,10 @@ class Peers:
 
     # -- after a collective gave up ---------------------------------------------------------------------------------
 
-    def silent(self, window: float = 3 * BEAT_SECONDS) -> list:
-        """[(rank, host)] of the ranks whose heartbeat did not move over `window` seconds ([(0, MASTER_ADDR)] when
-        the store itself does not answer)."""
+    def silent(self, window=None) -> list:
+        """[(rank, host)] of the ranks whose heartbeat did not move over `window` seconds (default 3 beats);
+        [(0, MASTER_ADDR)] when the store itself does not answer."""
+        window = 3 * BEAT_SECONDS if window is None else window
         try:
             self.store.set_timeout(timedelta(seconds=window + 5))
             before = {r: self._beats(r) for r in range(self.world_size) if r != self.rank}

@@ -145,8 +145,8 @@ with OrderedPool(build._tokenize, 2) as pool:
 def test_workers_forked_after_the_callers_tokenizer_ran_its_thread_pool_do_not_hang(bpe_tokenizer_dir):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
     try:
-        out = subprocess.run([sys.executable, "-c", TOKENIZER_THEN_POOL.format(repo=str(REPO), tok=str(bpe_tokenizer_dir))],
-                             env=env, capture_output=True, text=True, timeout=120)
+        script = TOKENIZER_THEN_POOL.format(repo=str(REPO), tok=str(bpe_tokenizer_dir))
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the workers hang after the caller's tokenizer ran its thread pool")
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,5 @@
-"""A peer that stops answering (SIGSTOP: alive, holding its sockets, like a hung host or one behind a cut link) ends
+"""peers.py: waits through the job's store that name a rank whose heartbeat stopped; and, end to end, a peer that
+stops answering (SIGSTOP: alive, holding its sockets, like a hung host or one behind a cut link) ends
 the job within --distributed_timeout_minutes, with one line naming it: in a collective while training, and while
 the build group waits for a member. Two deepspeed launchers (--no_ssh) on the loopback, as test_distributed_launchers.
 """
@@ -10,10 +11,13 @@ import time
 
 import pytest
 
+from ds_mlm import peers as peersmod
+from ds_mlm.errors import PeerLost
+from ds_mlm.peers import Peers
+
 from conftest import REPO, free_port
 from test_distributed_launchers import PYTHON, TINY, finish, start
 
-pytestmark = pytest.mark.slow
 SPY = '''import os, signal, sys
 sys.path.insert(0, {repo!r})
 from ds_mlm import metrics, prepare, run_mlm
@@ -63,6 +67,7 @@ def stopped_pair(tmp_path, tokenizer, corpus, env):
     return status, logs[0].read_text()
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_ends_training_with_one_line_naming_it(tmp_path, bpe_tokenizer_dir, small_corpus):
     status, log = stopped_pair(tmp_path, bpe_tokenizer_dir, small_corpus[0], {"STOP_AFTER_STEP": "2"})
     assert status == 3, log
@@ -72,6 +77,7 @@ def test_a_stopped_rank_ends_training_with_one_line_naming_it(tmp_path, bpe_toke
     assert "it died, hangs or its network is cut" in lines[0] and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_stopped_member_ends_the_build_with_one_line_naming_it(tmp_path, bpe_tokenizer_dir, small_corpus):
     status, log = stopped_pair(tmp_path, bpe_tokenizer_dir, small_corpus[0], {"STOP_IN_BUILD": "1"})
     assert status == 3, log
@@ -79,3 +85,35 @@ def test_a_stopped_member_ends_the_build_with_one_line_naming_it(tmp_path, bpe_t
             f"30 s, --distributed_timeout_minutes) while this rank waited for the members' shares of the train "
             "dataset") in log, log
     assert "Traceback" not in log
+
+
+@pytest.fixture
+def store():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+
+
+def test_a_wait_ends_with_the_value_or_names_the_silent_rank(store, monkeypatch):
+    monkeypatch.setattr(peersmod, "BEAT_SECONDS", 0.05)
+    rank0, rank1 = Peers(store, 0, 2, stale_seconds=0.5).start(), Peers(store, 1, 2, stale_seconds=0.5).start()
+    try:
+        name = rank0.unique("decide")
+        rank1.unique("decide")
+        rank0.put(name, "rank 0's word")
+        assert rank1.gather("plans", None, [], "nothing") == {}
+        import pickle
+        assert pickle.loads(rank1.wait(name, "rank 0's word")) == "rank 0's word"
+        rank0.stop()  # alive, silent: as a stopped process or a cut link
+        time.sleep(0.2)
+        with pytest.raises(PeerLost, match=f"rank 1: rank 0 on {socket.gethostname()} stopped answering \\(no "
+                                           "heartbeat for 0 s, --distributed_timeout_minutes\\) while this rank "
+                                           "waited for rank 0's export"):
+            rank1.wait("never-set", "rank 0's export")
+        assert rank1.silent(window=0.3) == [(0, socket.gethostname())]
+        assert rank1.describe_lost() == f"rank 0 on {socket.gethostname()}"
+    finally:
+        rank0.stop()
+        rank1.stop()

@@ -117,7 +117,8 @@ class OrderedPool:
                                      f"{self._procs[k].exitcode}") from None
                 if time.monotonic() - started > self.stuck_seconds:
                     raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) is alive but returned nothing for "
-                                     f"{self.stuck_seconds:.0f} s: it hangs (stopped, swapping or deadlocked)") from None
+                                     f"{self.stuck_seconds:.0f} s: it hangs (stopped, swapping or deadlocked)") \
+                        from None
         self.returned += 1
         if ok:
             return value
