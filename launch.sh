@@ -321,11 +321,13 @@ else
   # The other nodes' environment: the launcher exports what DS_ENV_FILE lists. Ours first, then the user's own
   # files from where the launcher would have read them (comments and blank lines dropped: it cannot parse them).
   env_file=$launch_dir/deepspeed_env
+  lost_file=$launch_dir/lost_peers
   {
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
     # rank 0's address for the mpirun/srun backends, which start run_mlm.py directly (pdsh's launch overrides it)
     echo "MASTER_ADDR=${master_addr:-${hosts[0]}}"
     echo "MASTER_PORT=$master_port"
+    echo "DS_MLM_LOST_FILE=$lost_file"  # a rank that loses a peer writes its name there (ds_mlm/errors.py)
     for var in DS_ACCELERATOR HF_HOME HF_HUB_OFFLINE; do  # as on this node, when set here
       if [ -n "${!var:-}" ]; then echo "$var=${!var}"; fi
     done
@@ -362,12 +364,16 @@ else
     ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi
 
-if [ "$mode" != from-master ] || [ "$max_restarts" = 0 ]; then
+if [ "$mode" != from-master ]; then
   run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"
 else
   for ((restart = 1; ; restart++)); do
     status=0
+    rm -f "$lost_file"
     run "${cmd[@]}" "${args[@]}" || status=$?
+    if [ "$status" != 0 ] && [ -s "$lost_file" ]; then  # the ranks' word on whom they lost, as the last line
+      echo "launch.sh: the job ended with status $status: $(head -n 1 "$lost_file")" >&2
+    fi
     # 0: done; 2: a flag or input to fix; 75: stopped on a signal with a checkpoint: none is a lost node
     if [[ $status =~ ^(0|2|75)$ ]] || [ "$restart" -gt "$max_restarts" ]; then exit "$status"; fi
     answering=()

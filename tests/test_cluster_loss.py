@@ -70,6 +70,8 @@ def test_a_killed_host_ends_the_job_within_60_s_and_the_job_resumes_without_it(c
     assert launch.returncode != 0, text[-3000:]
     lines = errors(text)
     assert lines and all(f"lost contact with rank 1 on {cluster.hosts[1]}" in line for line in lines), text[-3000:]
+    assert re.fullmatch(rf"launch\.sh: the job ended with status {launch.returncode}: rank [02] lost contact with "
+                        rf"rank 1 on {cluster.hosts[1]}", text.strip().splitlines()[-1]), text[-2000:]
     assert "Traceback" not in text
     logged = [r["step"] for r in read_log(tmp_path / "out") if "loss" in r]
 
