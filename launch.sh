@@ -344,7 +344,7 @@ else
   # Before any rank starts, every node is checked at once over ssh (ds_mlm/hosts.py): reachable, this Python and the
   # project, corpus and tokenizer at the same paths, the master address answering, the interface variables naming
   # interfaces it has. One line per problem, exit status 2, nothing started.
-  checks=(--path "the project=$root/ds_mlm/run_mlm.py")
+  checks=()
   kind=''
   for arg in "${args[@]+"${args[@]}"}"; do
     case $arg in
@@ -359,7 +359,7 @@ else
   echo "launch.sh: checking the nodes of $HOSTFILE (ssh, paths, master address, interfaces)"
   "$python" -m ds_mlm.hosts --prog launch.sh --hostfile "$hostfile" --env_file "$env_file" \
     --master_addr "$master_addr" --master_port "$master_port" --launcher_args "${LAUNCHER_ARGS:-}" \
-    --python "$python" "${checks[@]}" || exit 2
+    --python "$python" "${checks[@]+"${checks[@]}"}" || exit 2
   cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
     ${master_addr:+--master_addr "$master_addr"} "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi

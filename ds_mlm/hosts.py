@@ -10,7 +10,7 @@ costs seconds, not minutes):
 - pdsh is on this node's PATH (the deepspeed launcher's default backend starts every node with it);
 - ssh reaches the host (else ssh's own last line: "Connection refused", "Could not resolve hostname", ...);
 - this node's Python (the repository's .venv) is at the same path there: the launcher runs exactly that file;
-- each --path (the project, the corpus, the tokenizer) exists there at the same path;
+- the project (this run_mlm.py) and each --path (the corpus, the tokenizer) exist there at the same path;
 - the master address answers from the host: a TCP connection to MASTER_ADDR:MASTER_PORT is accepted or refused
   (nothing listens yet: a refusal proves the address is reached), not timed out or unreachable;
 - NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, as the ranks will get them (this environment, then the env file's lines,
@@ -37,7 +37,7 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
 # Runs on the host with this node's Python: prints one `problem: ...` line per problem. argv: master addr, port, then
 # VAR=VALUE of the interface variables.
 REMOTE_PY = r"""
-import errno, socket, sys
+import socket, sys
 master, port = sys.argv[1], int(sys.argv[2])
 names = [n for _, n in socket.if_nameindex()]
 for item in sys.argv[3:]:
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
                              "exists here)")
     parser.add_argument("--prog", default="ds_mlm.hosts", help="the name errors start with")
     args = parser.parse_args(argv)
-    paths = [p.partition("=")[::2] for p in args.path]
+    project = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_mlm.py")
+    paths = [("the project", project), *(p.partition("=")[::2] for p in args.path)]
     paths = [(kind, os.path.abspath(p)) for kind, p in paths if p and os.path.exists(p)]
     launcher, hosts, EXTRA_SSH[:] = launcher_view(args.launcher_args, read_hostfile(args.hostfile))
     problems = check(hosts, args.python, paths, args.master_addr, args.master_port, args.env_file, launcher)
