@@ -98,7 +98,7 @@ def store():
 
 def test_a_wait_ends_with_the_value_or_names_the_silent_rank(store, monkeypatch):
     monkeypatch.setattr(peersmod, "BEAT_SECONDS", 0.05)
-    rank0, rank1 = Peers(store, 0, 2, stale_seconds=0.5).start(), Peers(store, 1, 2, stale_seconds=0.5).start()
+    rank0, rank1 = Peers(store, 0, 2, stale_seconds=0.3).start(), Peers(store, 1, 2, stale_seconds=0.3).start()
     try:
         name = rank0.unique("decide")
         rank1.unique("decide")
@@ -107,12 +107,12 @@ def test_a_wait_ends_with_the_value_or_names_the_silent_rank(store, monkeypatch)
         import pickle
         assert pickle.loads(rank1.wait(name, "rank 0's word")) == "rank 0's word"
         rank0.stop()  # alive, silent: as a stopped process or a cut link
-        time.sleep(0.2)
+        time.sleep(0.1)
         with pytest.raises(PeerLost, match=f"rank 1: rank 0 on {socket.gethostname()} stopped answering \\(no "
                                            "heartbeat for 0 s, --distributed_timeout_minutes\\) while this rank "
                                            "waited for rank 0's export"):
             rank1.wait("never-set", "rank 0's export")
-        assert rank1.silent(window=0.3) == [(0, socket.gethostname())]
+        assert rank1.silent(window=0.2) == [(0, socket.gethostname())]
         assert rank1.describe_lost() == f"rank 0 on {socket.gethostname()}"
     finally:
         rank0.stop()
