@@ -233,10 +233,12 @@ def wait_all(name: str, what: str) -> None:
 def shutdown() -> None:
     """Leave the process group once every rank is done: a process that exits with it alive can die in C++
     ("terminate called without an active exception") after its work is complete."""
+    global _peers
     if initialized():
         torch.distributed.barrier()
-        if _peers is not None:
+        if _peers is not None:  # a later init (a library caller's next run) starts its own, on its own store
             _peers.stop()
+            _peers = errors.lost_peer_hint = None
         torch.distributed.destroy_process_group()
 
 
