@@ -43,6 +43,15 @@
 #   N_NODES (1), N_GPUS_PER_NODE (GPUs, or 1 without), NODE_RANK, MASTER_ADDR (127.0.0.1 on one node),
 #   MASTER_PORT (29500), HOSTFILE, LAUNCHER (deepspeed), LAUNCHER_ARGS (extra launcher flags, split on spaces),
 #   STOP_GRACE_SECONDS (30): how long a stopped job's ranks may take to finish before what is left is killed.
+#   SSH_ALIVE_SECONDS (15): from the master (HOSTFILE), pdsh's ssh to each node asks every N seconds whether the node
+#                           still answers, and gives up after 4 unanswered asks: a dead or cut-off node's session
+#                           ends, and so does the launcher, instead of waiting on it for hours (TCP keepalive).
+#   MAX_RESTARTS (0): from the master (HOSTFILE, pdsh), after a job that failed (a lost node: not a flag error, not a
+#                     stop), check every node over ssh (SSH_CHECK_SECONDS, 10), leave out those that do not answer
+#                     (the new hostfile is OUTPUT_DIR/launch/hostfile, the old one hostfile.before-restart-K), and
+#                     start the same command again: it resumes from the newest complete checkpoint on the nodes
+#                     left, up to N times. Pair it with run_mlm.py's --distributed_timeout_minutes (default 10): the
+#                     ranks that lose a peer give up within it, naming the peer.
 #
 # Each process gets OMP_NUM_THREADS = cores / processes per node unless it is set, and DS_ACCELERATOR=cpu on a
 # machine without an NVIDIA GPU. From the master, these reach the other nodes through OUTPUT_DIR/launch/deepspeed_env,
@@ -267,6 +276,12 @@ case $backend in
   mpich | impi | mvapich) echo "launch.sh: warning: --launcher $backend has never been run with ds-mlm (tested: pdsh, slurm, openmpi)" >&2 ;;
   *) die "LAUNCHER_ARGS: --launcher $backend is not a deepspeed launcher backend: give pdsh (default), slurm or openmpi" ;;
 esac
+max_restarts=${MAX_RESTARTS:-0}
+[[ $max_restarts =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$max_restarts is not a number of restarts: give e.g. MAX_RESTARTS=2"
+ssh_alive=${SSH_ALIVE_SECONDS:-15}
+is_count "$ssh_alive" || die "SSH_ALIVE_SECONDS=$ssh_alive is not a number of seconds: give e.g. SSH_ALIVE_SECONDS=15"
+ssh_check=${SSH_CHECK_SECONDS:-10}
+is_count "$ssh_check" || die "SSH_CHECK_SECONDS=$ssh_check is not a number of seconds: give e.g. SSH_CHECK_SECONDS=10"
 
 if [ -z "${OMP_NUM_THREADS:-}" ]; then  # the processes of a node share its cores (torchrun would say 1)
   per_rank=$(($(nproc) / slots[node_rank]))
@@ -320,11 +335,13 @@ else
   # The other nodes' environment: the launcher exports what DS_ENV_FILE lists. Ours first, then the user's own
   # files from where the launcher would have read them (comments and blank lines dropped: it cannot parse them).
   env_file=$launch_dir/deepspeed_env
+  lost_file=$launch_dir/lost_peers
   {
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
     # rank 0's address for the mpirun/srun backends, which start run_mlm.py directly (pdsh's launch overrides it)
     echo "MASTER_ADDR=${master_addr:-${hosts[0]}}"
     echo "MASTER_PORT=$master_port"
+    echo "DS_MLM_LOST_FILE=$lost_file"  # a rank that loses a peer writes its name there (ds_mlm/errors.py)
     for var in DS_ACCELERATOR HF_HOME HF_HUB_OFFLINE; do  # as on this node, when set here
       if [ -n "${!var:-}" ]; then echo "$var=${!var}"; fi
     done
@@ -348,6 +365,8 @@ else
     # its --launcher_args name the interface themselves; LAUNCHER_ARGS cannot carry the space this needs
     backend_args+=(--launcher_args "--mca btl_tcp_if_include $OMPI_MCA_btl_tcp_if_include")
   fi
+  # pdsh's ssh sessions: a node that stops answering (dead, hung, cut off) ends its session within 4 asks
+  export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -o ServerAliveInterval=$ssh_alive -o ServerAliveCountMax=4"
 
   # Before any rank starts, every node is checked at once over ssh (ds_mlm/hosts.py): reachable, this Python and the
   # project, corpus and tokenizer at the same paths, the master address answering, the interface variables naming
@@ -373,7 +392,48 @@ else
     "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
 fi
 
-run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"
+if [ "$mode" != from-master ]; then
+  run ${ranks_of:+--ranks-of "$ranks_of"} "${cmd[@]}" "${args[@]}"
+else
+  for ((restart = 1; ; restart++)); do
+    status=0
+    rm -f "$lost_file"
+    run "${cmd[@]}" "${args[@]}" || status=$?
+    if [ "$status" != 0 ] && [ -s "$lost_file" ]; then  # the ranks' word on whom they lost, as the last line
+      echo "launch.sh: the job ended with status $status: $(head -n 1 "$lost_file")" >&2
+    fi
+    # 0: done; 2: a flag or input to fix; 75: stopped on a signal with a checkpoint: none is a lost node
+    if [[ $status =~ ^(0|2|75)$ ]] || [ "$restart" -gt "$max_restarts" ]; then exit "$status"; fi
+    answering=()
+    answering_slots=()
+    for ((i = 0; i < ${#hosts[@]}; i++)); do  # all at once: a cut-off node costs SSH_CHECK_SECONDS, not one each
+      ssh -n -o BatchMode=yes -o ConnectTimeout="$ssh_check" -o ServerAliveInterval="$ssh_check" \
+        -o ServerAliveCountMax=1 "${hosts[i]}" true >/dev/null 2>&1 &
+      checking[i]=$!
+    done
+    for ((i = 0; i < ${#hosts[@]}; i++)); do
+      if wait "${checking[i]}"; then
+        answering+=("${hosts[i]}")
+        answering_slots+=("${slots[i]}")
+      else
+        echo "launch.sh: ${hosts[i]} does not answer over ssh (within ${ssh_check} s): leaving it out" >&2
+        if [ "${master_addr:-}" = "${hosts[i]}" ]; then master_addr=''; fi  # the launcher takes the first node's
+      fi
+    done
+    [ "${#answering[@]}" -gt 0 ] || { echo "launch.sh: error: no node of $HOSTFILE answers: not restarting" >&2; exit "$status"; }
+    hosts=("${answering[@]}")
+    slots=("${answering_slots[@]}")
+    cp "$hostfile" "$hostfile.before-restart-$restart"
+    for ((i = 0; i < ${#hosts[@]}; i++)); do echo "${hosts[i]} slots=${slots[i]}"; done >"$hostfile.$$"
+    mv "$hostfile.$$" "$hostfile"
+    [ "$backend" = pdsh ] || master_addr=${master_addr:-${hosts[0]}}  # srun/mpirun: rank 0 on the first host
+    cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile" --master_port "$master_port"
+      ${master_addr:+--master_addr "$master_addr"} "${backend_args[@]+"${backend_args[@]}"}"
+      "${launcher_args[@]+"${launcher_args[@]}"}" "$run_mlm")
+    echo "launch.sh: the job ended with status $status; restart $restart of $max_restarts on ${hosts[*]}," \
+      "from the newest complete checkpoint in $PROJECT_OUTPUT_DIR" >&2
+  done
+fi
 [ "$demo" = 1 ] || exit 0
 run "$python" -m ds_mlm.fill_mask "$PROJECT_OUTPUT_DIR/roberta_thai" \
   "นายกรัฐมนตรี เป็นประธานการประชุม<mask>" "The <mask> of the school was there."

@@ -9,8 +9,13 @@ Measures, each a function in MEASURES (name -> function(bench) -> {label: second
   cache is built beforehand (a warm-up job on 1 host, not counted), so the figure is the launch itself: the host
   preflight, pdsh over ssh, the per-node launcher, Python start-up, the rendezvous and the model's set-up.
 
-Later measures (a lost node's detection time, the time from a loss back to training with restarts) add a function
-and a MEASURES entry; `Bench.launch` starts a job and stamps its lines. The load average is printed before and
+- lost_node: one of 3 hosts lost after the job's first checkpoint: kill -9 of its processes, and its link cut (no
+  reset reaches its peers) at --distributed_timeout_minutes 0.5; then the cut with MAX_RESTARTS=1. For each, the
+  seconds from the loss to the survivors' "lost contact with" line, to launch.sh's end, and with restarts to
+  launch.sh's restart, the resumed job's "resumed from" line and its first step; the ratio cut / kill of the
+  detection. The cut at the default timeout (10 minutes) runs only with --cut_default.
+
+Further measures add a function and a MEASURES entry; `Bench.launch` starts a job and stamps its lines. The load average is printed before and
 after: the machine is shared, and a ratio is only meaningful within its own run.
 """
 
@@ -99,13 +104,89 @@ def first_step(bench: Bench, repeats: int) -> dict:
     return {"first_step_1_host": one, "first_step_3_hosts": three}
 
 
-MEASURES = {"first_step": first_step}
+def _watch(bench: Bench, hosts, stamps: dict, **variables):
+    """launch.sh from the head on `hosts`, training long enough to lose a node in; each watched phrase's first
+    arrival is stamped in `stamps` (monotonic seconds). Returns (process, reader thread, output directory)."""
+    bench.runs += 1
+    out = bench.root / f"run{bench.runs}"
+    timeout = variables.pop("TIMEOUT_MINUTES", None)
+    env = {"HOSTFILE": bench.cluster.hostfile(hosts), "PROJECT_TRAIN_DIR": bench.corpus,
+           "PROJECT_TOKENIZER": bench.tokenizer, "PROJECT_OUTPUT_DIR": out, "PROJECT_CACHE_DIR": bench.cache,
+           "PROJECT_MAX_SEQ_LENGTH": 64, "PROJECT_BATCH_SIZE": 2, "PROJECT_MAX_STEPS": 40,
+           "PROJECT_LOGGING_STEPS": 1, "PROJECT_SAVE_STEPS": 3, **variables}
+    command = " ".join(f"{k}={v}" for k, v in env.items())
+    flags = f"--distributed_timeout_minutes {timeout}" if timeout else ""
+    proc = bench.cluster.popen(bench.cluster.head, f"{command} bash {REPO}/launch.sh {flags}",
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=bench.root)
+    phrases = ("lost contact with", "restart 1 of", "resumed from")
+
+    def read():
+        for line in proc.stdout:
+            for phrase in phrases:
+                if phrase in line and phrase not in stamps:
+                    stamps[phrase] = time.monotonic()
+            if "resumed from" in stamps and "step " in line and " | loss " in line and "step after" not in stamps:
+                stamps["step after"] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, reader, out
+
+
+def _lose(bench: Bench, how: str, timeout_minutes, restarts: int = 0) -> dict:
+    """Seconds from losing the third host (`how`: kill or cut, once the first checkpoint is complete) to the
+    survivors' lost-peer line, to launch.sh's end (or its restart), and with restarts to the resumed job's first step."""
+    stamps, victim = {}, bench.cluster.hosts[2]
+    variables = {"SSH_ALIVE_SECONDS": 3, "SSH_CHECK_SECONDS": 3, "MAX_RESTARTS": restarts}
+    if timeout_minutes is not None:
+        variables["TIMEOUT_MINUTES"] = timeout_minutes
+    proc, reader, out = _watch(bench, bench.cluster.hosts, stamps, **variables)
+    try:
+        deadline = time.monotonic() + 900
+        while not any((c / "COMPLETE").exists() for c in out.glob("checkpoint-*")):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"no checkpoint before the loss ({how})")
+            time.sleep(0.2)
+        lost = time.monotonic()
+        bench.cluster.kill(victim) if how == "kill" else bench.cluster.cut(victim)
+        proc.wait(timeout=1800)
+        ended = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if how == "cut":
+            bench.cluster.restore(victim)
+        bench.cluster.kill(victim)
+    reader.join(timeout=10)
+    seconds = {k: round(v - lost, 1) for k, v in stamps.items()}
+    seconds["launch.sh ended"] = round(ended - lost, 1)
+    return seconds
+
+
+def lost_node(bench: Bench, repeats: int) -> dict:
+    """A host lost mid-run, after the first checkpoint: kill -9, and a link cut at --distributed_timeout_minutes 0.5;
+    then the cut with MAX_RESTARTS=1 (back to training without the host). The cut at the default (10 minutes) runs
+    only with --cut_default: it takes that long by design."""
+    results = {"kill": _lose(bench, "kill", None), "cut, timeout 0.5 min": _lose(bench, "cut", 0.5),
+               "cut, timeout 0.5 min, MAX_RESTARTS=1": _lose(bench, "cut", 0.5, restarts=1)}
+    if bench.cut_default:
+        results["cut, default timeout (10 min)"] = _lose(bench, "cut", None)
+    for name, seconds in results.items():
+        print(f"lost node, {name}: seconds after the loss: {seconds}")
+    kill, cut = results["kill"], results["cut, timeout 0.5 min"]
+    print(f"detection, cut at 0.5 min / kill: {cut['lost contact with'] / max(kill['lost contact with'], 0.1):.1f}x")
+    return results
+
+
+MEASURES = {"first_step": first_step, "lost_node": lost_node}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=sorted(MEASURES), action="append", help="run only these measures")
+    parser.add_argument("--cut_default", action="store_true",
+                        help="lost_node: also cut a link at the default --distributed_timeout_minutes (10 minutes)")
     args = parser.parse_args()
     why = unavailable()
     if why:
@@ -115,6 +196,7 @@ def main():
     print(f"load average before: {load_avg()} ({os.cpu_count()} cores, shared)")
     root = Path(tempfile.mkdtemp(prefix="ds-mlm-bench-cluster-"))
     bench = Bench(root)
+    bench.cut_default = args.cut_default
     try:
         for name in args.only or MEASURES:
             MEASURES[name](bench, args.repeats)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 PREFIX, MARKER, POINTER, STATE_FILE, UNIVERSAL = "checkpoint-", "COMPLETE", "latest_checkpoint", \
     "trainer_state.json", "universal"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+CONVERT_SECONDS = 3 * 3600.0  # ds_to_universal of a large model takes minutes; hours means it hangs
 
 
 def step_of(path: str) -> int:
@@ -206,8 +207,13 @@ class Checkpointer:
                 cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
                        "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
                        "--num_merge_workers", "1"]
-                # tied to this rank: killed with it, even by SIGKILL (a signal unwinds through run(), which kills it)
-                proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent())
+                try:  # tied to this rank (killed with it, even by SIGKILL); rank 0's own wait needs a bound
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_SECONDS,
+                                          preexec_fn=die_with_parent())
+                except subprocess.TimeoutExpired:
+                    raise UserError(f"converting {path} for another number of processes did not end within "
+                                    f"{CONVERT_SECONDS:.0f} s (deepspeed.checkpoint.ds_to_universal hangs): resume "
+                                    "with the number of processes it was saved with") from None
                 if proc.returncode != 0:
                     last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
                     saved = chosen["state"].get("plan", {}).get("world_size", "its")

@@ -9,15 +9,20 @@ The processes of a node share its CPU cores: without OMP_NUM_THREADS each takes 
 """
 
 import os
+import pickle
 import re
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
+from ds_mlm import errors
 from ds_mlm.errors import UserError
+from ds_mlm.peers import Peers
 
+DEFAULT_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default: a peer silent this long is lost
 DEFAULT_PORT = "29500"  # torch's and DeepSpeed's default: the same on every node without being told
 SCHEDULERS = {  # name: (rank, world size, local rank, local world size) variables of each process
     "OpenMPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -68,17 +73,9 @@ class DistInfo:
 
     def decide(self, fn, *args, **kwargs):
         """Run `fn` on rank 0 only and give its result to every rank; a UserError it raises is raised on every rank
-        (so a refusal is one line from each process, not rank 0's line and the others' lost-peer errors)."""
-        outcome = None
-        if self.is_main:
-            try:
-                outcome = ("ok", fn(*args, **kwargs))
-            except UserError as e:
-                outcome = ("error", str(e))
-        kind, value = all_gather_object(outcome)[0]
-        if kind == "error":
-            raise UserError(value)
-        return value
+        (so a refusal is one line from each process, not rank 0's line and the others' lost-peer errors). The others
+        wait through the store, not in a collective: however long `fn` takes, no timeout fires while rank 0 lives."""
+        return decide(fn, *args, **kwargs)
 
 
 def _slurm_tasks_on_this_node() -> int:
@@ -146,8 +143,10 @@ def share_cores(local_world_size: int) -> None:
     torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world_size, 1))  # else each takes every core
 
 
-def init() -> DistInfo:
-    """Join the process group through DeepSpeed (any accelerator), once."""
+def init(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
+    """Join the process group through DeepSpeed (any accelerator), once; a collective or store call that waits on a
+    peer longer than `timeout_minutes` fails, and the line printed for it names the peer that stopped answering."""
+    global _peers
     fill_rendezvous_env()
     share_cores(env_info().local_world_size)
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -163,7 +162,8 @@ def init() -> DistInfo:
         # end it at once (there is nothing to save yet) instead of waiting for the launcher's SIGKILL.
         handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            deepspeed.init_distributed(dist_init_required=True, verbose=False)
+            deepspeed.init_distributed(dist_init_required=True, verbose=False,
+                                       timeout=timedelta(minutes=timeout_minutes))
         except RuntimeError as e:  # torch's DistNetworkError is one
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 raise UserError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is "
@@ -173,14 +173,72 @@ def init() -> DistInfo:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+    # DeepSpeed's own groups (ZeRO's data-parallel group...) are made by new_group() without a timeout: torch gives
+    # them its default (30 min for gloo), read from these module globals at each call. Make theirs ours.
+    torch.distributed.distributed_c10d.default_pg_timeout = timedelta(minutes=timeout_minutes)
+    torch.distributed.distributed_c10d.default_pg_nccl_timeout = timedelta(minutes=timeout_minutes)
+    if _peers is None and job_store() is not None:
+        info = env_info()
+        _peers = Peers(job_store(), info.rank, info.world_size, timeout_minutes * 60).start()
+        errors.lost_peer_hint = _peers.describe_lost  # the lost-peer line names who stopped answering
     return env_info()
+
+
+_peers = None
+
+
+def decide(fn, *args, **kwargs):
+    """DistInfo.decide (which see), for callers without a DistInfo."""
+    outcome = None
+    if not initialized() or torch.distributed.get_rank() == 0:
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except UserError as e:
+            outcome = ("error", str(e))
+    if _peers is not None:
+        name = _peers.unique("decide")
+        if _peers.rank == 0:
+            _peers.put(name, outcome)
+        else:
+            outcome = pickle.loads(_peers.wait(name, f"rank 0 to run {getattr(fn, '__name__', 'a step')}"))
+    elif initialized():
+        outcome = all_gather_object(outcome)[0]
+    kind, value = outcome
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def gather_from(name: str, value, senders, what: str) -> dict:
+    """{rank: value} of the ranks in `senders`, waited for through the store (see peers.py): for work that only
+    those ranks do, which the others must not wait for inside a collective."""
+    if _peers is not None:
+        return _peers.gather(name, value, list(senders), what)
+    return {r: v for r, v in enumerate(all_gather_object(value)) if r in set(senders)}
+
+
+def watcher(ranks):
+    """check(what): raises PeerLost naming a rank of `ranks` whose heartbeat stopped (a no-op without a store)."""
+    return _peers.watching(ranks) if _peers is not None else (lambda what: None)
+
+
+def wait_all(name: str, what: str) -> None:
+    """Every rank got here (a barrier through the store: it waits as long as every rank keeps answering)."""
+    if _peers is not None:
+        _peers.barrier(name, what)
+    else:
+        barrier()
 
 
 def shutdown() -> None:
     """Leave the process group once every rank is done: a process that exits with it alive can die in C++
     ("terminate called without an active exception") after its work is complete."""
+    global _peers
     if initialized():
         torch.distributed.barrier()
+        if _peers is not None:  # a later init (a library caller's next run) starts its own, on its own store
+            _peers.stop()
+            _peers = errors.lost_peer_hint = None
         torch.distributed.destroy_process_group()
 
 

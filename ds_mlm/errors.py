@@ -2,7 +2,8 @@
 
 Anything raised as `UserError` is a mistake the user can fix (a flag, a path, a file); the `cli` wrapper prints it as
 `ds-mlm: error: <message>` and exits with status 2, without a traceback. A collective that fails because another
-process of the job died is one line too (status 3): the cause is in that process's log, not in this traceback.
+process of the job died, or stopped answering for --distributed_timeout_minutes, is one line too (status 3) naming
+that process when the job's store can tell (peers.py): the cause is in its log, not in this traceback.
 Every other exception is a bug and keeps its traceback.
 """
 
@@ -14,11 +15,18 @@ import sys
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 3
 # What gloo / NCCL say on a surviving rank when another process of the job died: not this rank's fault, not a bug here
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             # ... and when a peer stopped answering (a hung host, a cut link) for --distributed_timeout_minutes
+             "Timed out waiting", "wait timeout after", "Socket Timeout", "Watchdog caught collective operation timeout")
+lost_peer_hint = None  # set by distributed.init: () -> "rank 2 on n3", the peers that stopped answering
 
 
 class UserError(Exception):
     """A mistake in the user's input; the message says what is wrong and how to fix it."""
+
+
+class PeerLost(UserError):
+    """Another process of the job died or stopped answering (exit status EXIT_PEER_LOST)."""
 
 
 class Terminated(BaseException):
@@ -64,6 +72,17 @@ def _first_line(e: Exception) -> str:
     return text[0][:300] if text else ""
 
 
+def _note_lost(line: str) -> None:
+    """Add `line` to $DS_MLM_LOST_FILE (launch.sh ends a failed job with its first line: who was lost)."""
+    path = os.environ.get("DS_MLM_LOST_FILE")
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # a courtesy: the rank's own line has been printed
+
+
 def cli(main):
     """Wrap `main(argv=None) -> int` so that a UserError becomes one line on stderr and exit status 2."""
 
@@ -75,12 +94,16 @@ def cli(main):
         except UserError as e:
             message = " ".join(str(e).split("\n"))  # one line, always
             print(f"{_rank_prefix()}ds-mlm: error: {message}", file=sys.stderr, flush=True)
-            _exit(EXIT_USER_ERROR)
+            if isinstance(e, PeerLost):
+                _note_lost(message)
+            _exit(EXIT_PEER_LOST if isinstance(e, PeerLost) else EXIT_USER_ERROR)
         except RuntimeError as e:  # torch.distributed.DistBackendError is one too
             if not any(words in str(e) for words in PEER_LOST):
                 raise
-            print(f"{_rank_prefix()}ds-mlm: error: lost contact with another process of the job ({type(e).__name__}: "
-                  f"{_first_line(e)}): it died or was killed; its own log says why", file=sys.stderr, flush=True)
+            who = (lost_peer_hint() if lost_peer_hint is not None else "") or "another process of the job"
+            _note_lost(f"rank {os.environ.get('RANK', '0')} lost contact with {who}")
+            print(f"{_rank_prefix()}ds-mlm: error: lost contact with {who} ({type(e).__name__}: {_first_line(e)}): "
+                  "it died, hangs or its network is cut; its own log says why", file=sys.stderr, flush=True)
             _exit(EXIT_PEER_LOST)
         except KeyboardInterrupt:
             print(f"{_rank_prefix()}ds-mlm: interrupted", file=sys.stderr, flush=True)

@@ -246,28 +246,23 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
     import logging
 
     tensors = gather_fp32_state_dict(engine)
-    rank = torch.distributed.get_rank() if distributed.initialized() else 0
     model_dir = os.path.join(output_dir, MODEL_DIR)
-    error = None
-    if rank == 0:
+
+    def save():
         from transformers import RobertaForMaskedLM
 
         from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
 
         # the plain HF class (what downstream code loads), without the training's padding rows (model.pad_vocab)
         fresh = RobertaForMaskedLM(unpadded_config(engine.module.config)).float()
-        try:
-            check_destination(output_dir, step, final_names=own_names(tokenizer))
-            save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
-                           output_dir, intact, step=step)
-        except UserError as e:
-            error = str(e)
-        else:
-            logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
-                                             model_dir, os.path.join(output_dir, TOKENIZER_DIR))
-    error = distributed.all_gather_object(error)[0]  # every rank says it, none waits for a rank that gave up
-    if error:
-        raise UserError(error)
+        check_destination(output_dir, step, final_names=own_names(tokenizer))
+        save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
+                       output_dir, intact, step=step)
+        logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
+                                         model_dir, os.path.join(output_dir, TOKENIZER_DIR))
+
+    # rank 0 writes; every rank says its error, and none waits for it inside a collective (a slow disk is no timeout)
+    distributed.decide(save)
     return model_dir
 
 

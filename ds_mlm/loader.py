@@ -10,7 +10,8 @@ A background thread reads each step's samples (zero-copy views of the token stor
 numba kernel that releases the GIL) and, on a GPU, puts them in pinned memory; the training thread copies them to
 the device with `non_blocking=True`. Exactly the samples and masks a synchronous loop would produce, in the same
 order (one producer, in sequence): the thread only moves the work earlier. `wait_seconds` counts the time the
-training thread waited for a step that was not ready. `prefetch=0` builds each step in the training thread.
+training thread waited for a step that was not ready. `prefetch=0` builds each step in the training thread. A
+producer that hangs (a file system that stopped answering) ends the wait after stuck_seconds with one line.
 """
 
 import queue
@@ -23,6 +24,9 @@ import numpy as np
 import torch
 
 from ds_mlm.collator import IGNORE_INDEX
+from ds_mlm.errors import UserError
+
+STUCK_SECONDS = 600.0  # one step's samples are read and masked in well under a second: this long is a hang
 
 
 @dataclass
@@ -50,8 +54,9 @@ class Step:
 class StepLoader:
     """See the module docstring."""
 
-    def __init__(self, sampler, dataset, collator, device, prefetch: int = 2):
+    def __init__(self, sampler, dataset, collator, device, prefetch: int = 2, stuck_seconds: float = STUCK_SECONDS):
         self.sampler, self.dataset, self.collator = sampler, dataset, collator
+        self.stuck_seconds = stuck_seconds
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.pin = self.device.type == "cuda"  # page-locked host memory: the copy can overlap the step
@@ -106,7 +111,7 @@ class StepLoader:
                 self._queue = queue.Queue(maxsize=self.prefetch)
                 self._thread = threading.Thread(target=self._produce, name="ds-mlm-loader", daemon=True)
                 self._thread.start()
-            step = self._queue.get()
+            step = self._take()
             if isinstance(step, BaseException):
                 raise step
         self.wait_seconds += time.perf_counter() - started
@@ -114,6 +119,17 @@ class StepLoader:
                               for b in step.micro_batches]
         self._position = step.position
         return step
+
+    def _take(self):
+        """The producer's next item, waiting at most stuck_seconds (a dead producer always leaves its error)."""
+        deadline = time.monotonic() + self.stuck_seconds
+        while True:
+            try:
+                return self._queue.get(timeout=min(1.0, self.stuck_seconds))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise UserError(f"no training step was read from the dataset for {self.stuck_seconds:.0f} s: "
+                                    "reading the token store hangs (a file system that stopped answering?)") from None
 
     def state_dict(self) -> dict:
         return dict(self._position)

@@ -4,13 +4,16 @@ per dataset cache. Valid on local disks, NFS and Lustre.
     with DirLock(output_dir, "training run") as lock:    # raises LockHeld (a one-line UserError) if held
         ...
     with DirLock(cache_dir, "dataset build", wait=True):  # waits while another job holds it, then takes it
+                                                          # (at most wait_limit seconds: LockHeld after that)
 
 The lock is a file, DIR/.ds-mlm.lock, created with O_CREAT | O_EXCL (atomic on local file systems, on NFSv3 and
 later, and on Lustre), holding who took it: host, pid, the process's start time and the wall time. While held, a
 thread touches it every HEARTBEAT_SECONDS. A lock is stale, and taken over, when its holder is on this host and that
 process is gone (kill -9 included: the pid is dead or now belongs to a process started later), or when its
-heartbeat is older than STALE_SECONDS (a holder on another host that died or lost the file system). Taking over
-renames the stale file to a unique name first, so of several jobs racing for a stale lock exactly one wins.
+heartbeat is older than STALE_SECONDS (a holder on another host that died or lost the file system, or a stopped one).
+A holder whose heartbeat thread beats while its work hangs is never stale: a waiter gives up after wait_limit
+seconds (LOCK_WAIT_SECONDS), naming the holder, and says every SAY_WAITING_EVERY seconds that it still waits.
+Taking over renames the stale file to a unique name first, so of several jobs racing for a stale lock exactly one wins.
 
 Why not fcntl/flock: Lustre mounted without `-o flock` refuses them or keeps them node-local (`localflock`), NFS
 lock recovery after a client crash takes the server's grace period, and a POSIX lock silently vanishes when any
@@ -32,6 +35,8 @@ LOCK_FILE = ".ds-mlm.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0  # 10 missed heartbeats: generous against clock skew between nodes and slow file systems
 POLL_SECONDS = 1.0
+LOCK_WAIT_SECONDS = 6 * 3600.0  # a dataset build of a large corpus by another job may take hours: then it hangs
+SAY_WAITING_EVERY = 300.0
 
 
 class LockHeld(UserError):
@@ -55,8 +60,10 @@ def _describe(holder: dict) -> str:
 class DirLock:
     """See the module docstring. `acquire()` / `release()`, or use it as a context manager."""
 
-    def __init__(self, directory: str, purpose: str, wait: bool = False, flag: str = "the directory"):
+    def __init__(self, directory: str, purpose: str, wait: bool = False, flag: str = "the directory",
+                 wait_limit: float = LOCK_WAIT_SECONDS, idle=None):
         self.directory, self.purpose, self.wait, self.flag = directory, purpose, wait, flag
+        self.wait_limit, self.idle = wait_limit, idle  # idle(): called while waiting (a heartbeat to a build group)
         self.path = os.path.join(directory, LOCK_FILE)
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -65,7 +72,7 @@ class DirLock:
     # -- taking it --------------------------------------------------------------------------------------------------
 
     def acquire(self) -> "DirLock":
-        said = False
+        started = said = None
         while True:
             if self._try_create():
                 break
@@ -76,9 +83,17 @@ class DirLock:
             if not self.wait:
                 raise LockHeld(f"{self.flag} {self.directory} is in use by another {_describe(holder)}: wait for it "
                                f"to finish, stop it, or give another {self.flag}")
-            if not said:
-                print(f"ds-mlm: waiting for {self.directory}: in use by {_describe(holder)}", flush=True)
-                said = True
+            now = time.monotonic()
+            started = started or now
+            if now - started > self.wait_limit:
+                raise LockHeld(f"waited {self.wait_limit:.0f} s for {self.flag} {self.directory}, still in use by "
+                               f"{_describe(holder)}: if that job hangs, stop it; or give another {self.flag}")
+            if said is None or now - said > SAY_WAITING_EVERY:
+                print(f"ds-mlm: waiting for {self.directory}: in use by {_describe(holder)} (for {now - started:.0f} "
+                      f"s, giving up after {self.wait_limit:.0f} s)", flush=True)
+                said = now
+            if self.idle is not None:
+                self.idle()
             time.sleep(POLL_SECONDS)
         self._thread = threading.Thread(target=self._heartbeat, name="ds-mlm-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -116,11 +131,13 @@ class DirLock:
     def _stale(self, holder: dict) -> bool:
         if "pid" not in holder:  # empty or unreadable: stale once it has had time to be written
             return holder["age"] > 10 * POLL_SECONDS
+        if holder["age"] > STALE_SECONDS:  # no heartbeat: dead, stopped, or cut off from the file system
+            return True
         if holder.get("host") == socket.gethostname():
             started = _process_started(int(holder["pid"]))
             return started is None or (started > 0 and holder.get("pid_started") not in (None, -1.0)
                                        and abs(started - holder["pid_started"]) > 1.0)
-        return holder["age"] > STALE_SECONDS
+        return False
 
     def _take_over(self, holder) -> None:
         aside = f"{self.path}.stale-{uuid.uuid4().hex[:8]}"

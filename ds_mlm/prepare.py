@@ -119,7 +119,7 @@ def _build_share(plans, paths, share: dict, tokenizer, data_args, dist, group) -
 
 def _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group) -> None:
     """Step 3 for the leader: lock, deal, build, wait, write the manifests (see the module docstring)."""
-    with DirLock(cache_dir, "dataset build", wait=True, flag="--datasets_cache_dir"):
+    with DirLock(cache_dir, "dataset build", wait=True, flag="--datasets_cache_dir", idle=group.beat):
         present = {split: [] if data_args.overwrite_cache else present_shards(plan, paths[split],
                                                                                data_args.verify_data)
                    for split, plan in plans.items()}
@@ -198,11 +198,15 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
             tokenizer_id = tokenizer_fingerprint(tokenizer)
         mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])),
                                     tokenizer_id) for split, srcs in sources.items()}
-    plans = distributed.all_gather_object(mine)[dist.first_rank_on_node]
+    # through the store, not a collective: hashing a large corpus may take longer than --distributed_timeout_minutes
+    nodes = sorted(set(distributed.all_gather_object(dist.first_rank_on_node)))
+    plans = distributed.gather_from("plans", mine, nodes, "the first rank of each node to fingerprint the inputs")[
+        dist.first_rank_on_node]
     check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
     leader = builder_rank(cache_dir, dist, data_args.cache_scope)
     members = [rank for rank, lead in enumerate(distributed.all_gather_object(leader)) if lead == leader]
-    group = BuildGroup(leader, members, dist, distributed.job_store(), " and ".join(sources))
+    group = BuildGroup(leader, members, dist, distributed.job_store(), " and ".join(sources),
+                       distributed.watcher(members))
     try:
         if dist.rank == leader:
             for split, what in older.items():
@@ -233,6 +237,7 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
     distributed.barrier()
     for split in plans:
         _open(plans[split], paths[split], data_args, dist, group)
+    distributed.wait_all("datasets open", "every node to check its dataset shards")  # checksums take their time
     train = Mixture([ShardedStore(paths["train"], plans["train"].fingerprint, source=k)
                      for k in range(len(plans["train"].sources))], data_args.train_dir, data_args.train_weights,
                     seed=data_args.data_seed)

@@ -67,7 +67,8 @@ def run(model_args, data_args, train_args) -> int:
 
     # A build-only run in a world of one never pays for DeepSpeed; every other run joins the process group first.
     single = distributed.env_info().world_size == 1  # mpirun/srun name their world with their own variables
-    dist = distributed.env_info() if (data_args.build_dataset_only and single) else distributed.init()
+    dist = distributed.env_info() if (data_args.build_dataset_only and single) else \
+        distributed.init(train_args.distributed_timeout_minutes)
     setup_logging(dist.rank)
 
     # Everything that can be checked is checked before anything is written: a bad flag never touches a cache or a

@@ -327,7 +327,7 @@ def test_a_worker_that_dies_ends_the_build_with_one_line(tmp_path, tokenizer, sm
 
     monkeypatch.setattr(build, "_tokenize", _die_in_the_worker)  # forked workers inherit the patch
     spec = DatasetSpec(list_text_files(str(small_corpus[0]), "txt"), tokenizer, 64)
-    with pytest.raises(UserError, match="a tokenizer process died while building .*: lower "
+    with pytest.raises(UserError, match="a tokenizer process died or hangs while building .*: lower "
                                         "--preprocessing_num_workers or --tokenize_chunksize"):
         ensure_store(spec, str(tmp_path / "train"), num_workers=2)
     assert os.listdir(tmp_path / "train" / SHARDS) == []  # nothing kept, not even the temporary directory

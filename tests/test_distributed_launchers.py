@@ -154,8 +154,8 @@ def test_a_rank_dying_ends_the_other_node_with_a_message(tmp_path, bpe_tokenizer
     assert statuses[1] == 3  # the launcher passes on its rank's status
     assert statuses[0] != 0
     assert statuses[0] == 3  # the surviving rank: one line, pointing at the other process's log
-    assert "[rank 0] ds-mlm: error: lost contact with another process of the job (" in logs[0]
-    assert "it died or was killed; its own log says why" in logs[0] and "Traceback" not in logs[0]
+    assert "[rank 0] ds-mlm: error: lost contact with rank 1 on " in logs[0]  # named: its heartbeat stopped
+    assert "it died, hangs or its network is cut; its own log says why" in logs[0] and "Traceback" not in logs[0]
     assert len(spied_losses(tmp_path)[0]) < 200
 
 

@@ -91,3 +91,31 @@ def test_global_source_counts_and_errors_reach_the_training_thread():
     with pytest.raises(OSError, match="input/output error"):
         broken.next()
     broken.close()
+
+
+class HungStore(Store):
+    """A token store on a file system that stopped answering: a read never returns (until released)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.release = threading.Event()
+
+    def __getitems__(self, indices):
+        self.release.wait(30)
+        return super().__getitems__(indices)
+
+
+def test_a_hung_producer_ends_the_wait_with_one_line():
+    from ds_mlm.errors import UserError
+
+    store = HungStore()
+    loader = StepLoader(GlobalBatchSampler(len(store), global_batch=4, micro_batch=2, rank=0, world_size=1, seed=5),
+                        store, collator(), "cpu", prefetch=2, stuck_seconds=0.3)
+    try:
+        with pytest.raises(UserError, match="no training step was read from the dataset for 0 s: reading the token "
+                                            "store hangs"):
+            loader.next()
+    finally:
+        store.release.set()
+        loader.close()

@@ -77,3 +77,27 @@ def test_heartbeat_keeps_the_file_fresh(tmp_path, monkeypatch):
         os.utime(tmp_path / LOCK_FILE, (old, old))
         time.sleep(0.3)
         assert held.holder()["age"] < 10
+
+
+def test_a_wait_on_a_live_holder_gives_up_at_its_bound_naming_the_holder(tmp_path, monkeypatch):
+    monkeypatch.setattr(lockmod, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(lockmod, "HEARTBEAT_SECONDS", 0.05)  # the holder beats: never stale, perhaps hung
+    beats = []
+    with DirLock(str(tmp_path), "dataset build"):
+        waiter = DirLock(str(tmp_path), "dataset build", wait=True, flag="--datasets_cache_dir", wait_limit=0.5,
+                         idle=lambda: beats.append(1))
+        with pytest.raises(LockHeld, match=r"waited 0 s for --datasets_cache_dir .*, still in use by dataset build on "
+                                           r".*, pid \d+, since .*: if that job hangs, stop it"):
+            waiter.acquire()
+    assert beats  # the waiter's group heard from it meanwhile
+
+
+def test_a_stopped_holder_on_this_host_goes_stale_by_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(lockmod, "STALE_SECONDS", 1.0)
+    first = DirLock(str(tmp_path), "dataset build").acquire()
+    first._stop.set()  # its process lives on, its heartbeat no longer beats (SIGSTOP stops every thread)
+    old = time.time() - 5
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    second = DirLock(str(tmp_path), "dataset build").acquire()
+    assert second.holder()["token"] == second.token
+    second.release()

@@ -208,9 +208,9 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                     return
                 try:
                     ids = pool.next(idle=beat)
-                except WorkerDied:
-                    raise UserError(f"a tokenizer process died while building {dataset} (killed, or out of memory?): "
-                                    "lower --preprocessing_num_workers or --tokenize_chunksize and run again; the "
+                except WorkerDied as e:
+                    raise UserError(f"a tokenizer process died or hangs while building {dataset} ({e}): lower "
+                                    "--preprocessing_num_workers or --tokenize_chunksize and run again; the "
                                     f"{len(built)} shard(s) finished are kept") from None
                 writer.append(*packer.feed(*ids))
                 progress.update(nbytes)

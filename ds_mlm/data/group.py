@@ -7,8 +7,10 @@
 
 Waits poll the store, never a collective: a build of many hours never trips the process group's timeout. A
 waiting rank notices the leader's death (the store lives with rank 0; a node-local leader's death ends its node
-through the launcher) as one line, and the leader notices a member whose heartbeat stops for STALE_SECONDS.
-Without a store (a world of one) every call is a no-op.
+through the launcher) as one line, and the leader notices a member whose build heartbeat stops for STALE_SECONDS.
+Both also watch the process heartbeat of the ranks they wait for (`watch`, peers.py): a stopped or cut-off rank is
+named within --distributed_timeout_minutes. A living rank whose build hangs gives up by itself (data/workers.py's
+stuck bound, lock.py's wait bound) and says so to the group. Without a store (a world of one) every call is a no-op.
 """
 
 import logging
@@ -36,8 +38,9 @@ def _pauses():
 class BuildGroup:
     """The processes building one cache, talking through the job's rendezvous store (None: a world of one)."""
 
-    def __init__(self, leader: int, members: list, dist, store, what: str):
+    def __init__(self, leader: int, members: list, dist, store, what: str, watch=None):
         self.leader, self.members, self.dist, self.store, self.what = leader, members, dist, store, what
+        self.watch = watch or (lambda what: None)  # check(what): raises PeerLost when a member stopped answering
         # A restarted torchrun attempt keeps its agent's store: the restart count keeps an old attempt's word out.
         self.prefix = f"ds_mlm/dataset/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{leader}"
         self._beaten = 0.0
@@ -72,6 +75,7 @@ class BuildGroup:
         started = said = time.monotonic()
         pauses = _pauses()
         while (word := self._poll(key)) is None:
+            self.watch(f"rank {self.leader}'s {key!r} for the {self.what} dataset")
             if time.monotonic() - said >= SAY_WAITING_EVERY and self.dist.rank == self.leader + 1:  # one voice
                 log.info("rank %d: still waiting for the %s dataset build (%.0f s)", self.dist.rank, self.what,
                          time.monotonic() - started)
@@ -101,6 +105,8 @@ class BuildGroup:
                     raise UserError(f"rank {rank} made no progress on its share of the {self.what} dataset for "
                                     f"{STALE_SECONDS:.0f} s: it died or hangs; its log says why")
             if waiting:
+                self.watch(f"the members' shares of the {self.what} dataset")
+                self.beat()  # the leader waiting is the leader alive
                 time.sleep(next(pauses))
 
 

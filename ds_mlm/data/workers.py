@@ -24,16 +24,19 @@ import multiprocessing
 import os
 import queue
 import signal
+import time
 import traceback
 
 from ds_mlm.errors import UserError
 
 POLL_SECONDS = 0.5
+STUCK_SECONDS = 600.0  # a worker alive but silent this long on one task hangs (a task is one chunk: seconds)
 _PR_SET_PDEATHSIG = 1
 
 
 class WorkerDied(Exception):
-    """A worker process ended without returning its task's result (killed, or out of memory)."""
+    """A worker process ended without returning its task's result (killed, or out of memory), or is alive but
+    returned nothing for `stuck_seconds` (stopped, swapping, deadlocked)."""
 
 
 def _die_with_parent(parent: int) -> None:
@@ -50,6 +53,10 @@ def _serve(function, tasks, results, parent: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (errors.Terminated): just end
         signal.signal(sig, signal.SIG_DFL)
     _die_with_parent(parent)
+    # A fork keeps the parent's memory, not its threads: a Rust tokenizer whose thread pool ran in the parent
+    # (TOKENIZERS_PARALLELISM=true, or set by the caller) would wait forever on pool threads that do not exist here.
+    # Each worker is one core's share of the parallelism: its tokenizer runs in this thread (read at every call).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     while (task := tasks.get()) is not None:
         try:
             results.put((True, function(*task)))
@@ -60,7 +67,7 @@ def _serve(function, tasks, results, parent: int) -> None:
 class OrderedPool:
     """See the module docstring."""
 
-    def __init__(self, function, workers: int):
+    def __init__(self, function, workers: int, stuck_seconds: float = STUCK_SECONDS):
         if workers < 1:
             raise ValueError("an OrderedPool needs at least one worker")
         context = multiprocessing.get_context("fork")  # inherit the tokenizer instead of pickling it per worker
@@ -70,6 +77,7 @@ class OrderedPool:
                                        name=f"ds-mlm-worker-{k}")
                        for k, (t, r) in enumerate(zip(self._tasks, self._results))]
         self.submitted = self.returned = 0
+        self.stuck_seconds = stuck_seconds
         try:
             for proc in self._procs:
                 proc.start()
@@ -91,10 +99,12 @@ class OrderedPool:
 
     def next(self, idle=None):
         """The result of the oldest task not yet returned (blocks until it is there; `idle()` is called every
-        POLL_SECONDS meanwhile: a heartbeat)."""
+        POLL_SECONDS meanwhile: a heartbeat). A worker that died, or that is alive but silent for stuck_seconds, raises
+        WorkerDied: the idle heartbeat must not keep a hung worker's caller looking alive forever."""
         if not self.in_flight:
             raise RuntimeError("OrderedPool.next() without a task in flight")
         k = self.returned % len(self._procs)
+        started = time.monotonic()
         while True:
             try:
                 ok, value = self._results[k].get(timeout=POLL_SECONDS)
@@ -105,6 +115,10 @@ class OrderedPool:
                 if not self._procs[k].is_alive():
                     raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) died, exit code "
                                      f"{self._procs[k].exitcode}") from None
+                if time.monotonic() - started > self.stuck_seconds:
+                    raise WorkerDied(f"worker {k} (pid {self._procs[k].pid}) is alive but returned nothing for "
+                                     f"{self.stuck_seconds:.0f} s: it hangs (stopped, swapping or deadlocked)") \
+                        from None
         self.returned += 1
         if ok:
             return value
