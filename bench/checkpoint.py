@@ -40,7 +40,6 @@ def engine_for(config_name: str, out: str, vocab: int, universal: bool = False):
 
     from ds_mlm import distributed
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.engine import build_engine
     from ds_mlm.model import _COMMON, PRESETS, RobertaForMLMPretraining
     from ds_mlm.plan import make_plan
@@ -52,8 +51,7 @@ def engine_for(config_name: str, out: str, vocab: int, universal: bool = False):
                                               "2", "--max_steps", "100"])
     config = RobertaConfig(**_COMMON, **PRESETS["roberta-base"], vocab_size=vocab)
     device = this_device()
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, dist.world_size, device.name), device,
-                        dist.world_size, config)
+    plan, _ = make_plan(model_args, data_args, args, device, dist.world_size, config)
     plan = plan.with_data(10**6)
     torch.manual_seed(0)
     return plan, build_engine(plan, RobertaForMLMPretraining(config), load_universal=universal), dist

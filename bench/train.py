@@ -121,15 +121,13 @@ def plan_for(args, world_size=1):
     from transformers import RobertaConfig
 
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.plan import make_plan
     from ds_mlm.precision import this_device
 
     model_args, data_args, _ = parse_args(["--train_dir", ".", "--output_dir", args.output_dir,
                                            "--max_seq_length", str(SEQ)])
     device = this_device()
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, world_size, device.name), device,
-                        world_size, RobertaConfig(**MODEL))
+    plan, _ = make_plan(model_args, data_args, args, device, world_size, RobertaConfig(**MODEL))
     return plan.with_data(10**6)
 
 
@@ -182,7 +180,6 @@ def trainer_run(workdir, tokenizer, train_ds, steps, prefetch: int) -> dict:
     from ds_mlm.args import parse_args
     from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.distributed import env_info
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.plan import make_plan
     from ds_mlm.precision import this_device
     from ds_mlm.run_mlm import setup_training
@@ -198,7 +195,7 @@ def trainer_run(workdir, tokenizer, train_ds, steps, prefetch: int) -> dict:
     from ds_mlm.model import resolve_config
 
     config = resolve_config(model_args, tokenizer, SEQ)
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, 1, device.name), device, 1, config)
+    plan, _ = make_plan(model_args, data_args, args, device, 1, config)
     plan = plan.with_data(len(train_ds))
     checkpointer = Checkpointer(str(out), dist)
     trainer = setup_training(plan, model_args, data_args, args, tokenizer, dist, checkpointer, None, train_ds, None)

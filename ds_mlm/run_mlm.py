@@ -21,7 +21,6 @@ import logging  # noqa: E402
 
 from ds_mlm import atomic, distributed, precision, preflight  # noqa: E402
 from ds_mlm.args import parse_args  # noqa: E402
-from ds_mlm.ds_config import resolve_ds_config  # noqa: E402
 from ds_mlm.errors import cli  # noqa: E402
 from ds_mlm.lock import DirLock  # noqa: E402
 from ds_mlm.model import count_parameters, resolve_config  # noqa: E402
@@ -79,8 +78,7 @@ def main(argv=None) -> int:
     from ds_mlm.plan import make_plan
 
     device = precision.this_device()
-    ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, config,
+    plan, warning = make_plan(model_args, data_args, train_args, device, dist.world_size, config,
                               tokenizer_fingerprint(tokenizer))
     if dist.is_main:
         for line in filter(None, [warning, _eval_warning(train_args, data_args)]):

@@ -220,7 +220,6 @@ def make_trainer(tmp_path, data, world, *flags, eval_set=True):
 
     from ds_mlm.args import parse_args
     from ds_mlm.checkpointer import Checkpointer
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.model import resolve_config
     from ds_mlm.plan import make_plan
     from ds_mlm.precision import this_device
@@ -231,9 +230,8 @@ def make_trainer(tmp_path, data, world, *flags, eval_set=True):
         ["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture", "roberta-tiny",
          "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
     device = this_device()
-    ds_json = resolve_ds_config(args, world.world_size, device.name)
     config = resolve_config(model_args, tokenizer, SEQ)
-    plan, warning = make_plan(model_args, data_args, args, ds_json, device, world.world_size, config, "tokenizer")
+    plan, warning = make_plan(model_args, data_args, args, device, world.world_size, config, "tokenizer")
     if warning:
         logging.getLogger("ds_mlm").warning(warning)
     plan = plan.with_data(len(train_set))
