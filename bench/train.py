@@ -178,27 +178,17 @@ def bench_throughput(workdir, tokenizer, train_ds, steps, repeats):
 def trainer_run(workdir, tokenizer, train_ds, steps, prefetch: int) -> dict:
     """One run of the real Trainer; the engine's forward/backward/step timed from outside."""
     from ds_mlm.args import parse_args
-    from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.distributed import env_info
-    from ds_mlm.plan import make_plan
-    from ds_mlm.precision import this_device
-    from ds_mlm.run_mlm import setup_training
+    from ds_mlm.run_mlm import plan_run, setup_training
     from ds_mlm.signals import StopOnSignal
 
     out = workdir / f"trainer_{prefetch}"
-    model_args, data_args, args = parse_args([
+    args = parse_args([
         "--train_dir", str(workdir), "--output_dir", str(out), "--max_seq_length", str(SEQ), "--config_name",
         str(workdir / "model.json"), "--deepspeed_config", "zero2.json", "--max_steps", str(steps),
         "--per_device_train_batch_size", str(MICRO), "--logging_steps", "10", "--save_steps", "1000000",
         "--overwrite_output_dir", "true"])
-    device, dist = this_device(), env_info()
-    from ds_mlm.model import resolve_config
-
-    config = resolve_config(model_args, tokenizer, SEQ)
-    plan, _ = make_plan(model_args, data_args, args, device, 1, config)
-    plan = plan.with_data(len(train_ds))
-    checkpointer = Checkpointer(str(out), dist)
-    trainer = setup_training(plan, model_args, data_args, args, tokenizer, dist, checkpointer, None, train_ds, None)
+    trainer = setup_training(plan_run(args, tokenizer, env_info()), tokenizer, train_ds, None)
     trainer.loader.prefetch = prefetch
     engine, spent = trainer.engine, [0.0]
 

@@ -170,21 +170,30 @@ _FLAG = {"learning_rate": "--learning_rate", "weight_decay": "--weight_decay", "
          "tokenizer": "the tokenizer"}
 
 
-def compare(saved: dict, plan: RunPlan):
-    """(refusals, notes): one line per setting that differs from the checkpoint's plan (module docstring)."""
+def compare(saved: dict, plan: RunPlan, known_before: Optional[RunPlan] = None):
+    """(refusals, notes): one line per setting that differs from the checkpoint's plan (module docstring).
+    `known_before`: the plan compared already (before the data were known): only what became known since is compared,
+    so each setting is checked, and each note said, once."""
     now = plan.to_dict()
+    before = known_before.to_dict() if known_before is not None else {}
+
+    def differs(key):
+        return key in saved and now[key] is not None and before.get(key) is None and saved[key] != now[key]
+
     refusals, notes = [], []
     for key in REFUSE:
-        if key in saved and now[key] is not None and saved[key] != now[key]:
+        if differs(key):
             old, new = saved[key], now[key]
             if isinstance(old, dict):  # name only the shapes that differ
                 differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
                 old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
             refusals.append(f"{_FLAG[key]}: {_show(key, old)} in the checkpoint, {_show(key, new)} now")
     for key in FOLLOW:
-        if key in saved and now[key] is not None and saved[key] != now[key]:
+        if differs(key):
             notes.append(f"{_FLAG[key]} changed from {_show(key, saved[key])} to {_show(key, now[key])}: the run "
                          "follows the new value")
+    if known_before is not None:  # the batch is known before the data: said the first time
+        return refusals, notes
     if saved.get("global_batch", plan.global_batch) != plan.global_batch:
         notes.append(f"the global batch changed from {saved['global_batch']} to {plan.global_batch} samples: "
                      "training goes on from the samples consumed, and steps now count batches of "

@@ -29,7 +29,7 @@ import ds_mlm.data.build as build
 import ds_mlm.prepare as prepare
 from ds_mlm.trainer import Trainer
 
-real_build_shards, real_tokenize, real_log = prepare.build_shards, build._tokenize, Trainer._log_step
+real_build_shards, real_tokenize, real_init = prepare.build_shards, build._tokenize, Trainer.__init__
 
 
 def recorded(plan, dataset, shards, *args, **kwargs):
@@ -46,13 +46,17 @@ def slow_tokenize(*args):
     return real_tokenize(*args)
 
 
-def killing(self, *args, **kwargs):
-    real_log(self, *args, **kwargs)
-    if str(self.global_step) == os.environ.get("KILL_AFTER_STEP") and self.dist.rank == 0:
+def killing(trainer, record):  # the Trainer's public hook, after each record it writes
+    if str(trainer.global_step) == os.environ.get("KILL_AFTER_STEP") and trainer.dist.rank == 0 and "loss" in record:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-prepare.build_shards, build._tokenize, Trainer._log_step = recorded, slow_tokenize, killing
+def init_with_killing(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    self.on_log.append(killing)
+
+
+prepare.build_shards, build._tokenize, Trainer.__init__ = recorded, slow_tokenize, init_with_killing
 from ds_mlm.run_mlm import cli_main
 cli_main()
 '''
