@@ -22,6 +22,7 @@ and let `save_pretrained` handle the ties.)
 import argparse
 import errno
 import glob
+import logging
 import os
 
 import torch
@@ -29,6 +30,9 @@ import torch
 from ds_mlm import atomic, distributed, preflight
 from ds_mlm.errors import UserError, cli
 from ds_mlm.optim import param_groups
+from ds_mlm.output import setup_logging
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "roberta_thai"
 TOKENIZER_DIR = "roberta_thai_tokenizer"
@@ -165,8 +169,6 @@ def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str
 def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was changed") -> str:
     """Export the engine's fp32 weights with the tokenizer. Call on every rank; rank 0 writes. `intact`: what the
     one-line error of a failed write says is still good (the run's last checkpoint)."""
-    import logging
-
     tensors = gather_fp32_state_dict(engine)
     rank = torch.distributed.get_rank() if distributed.initialized() else 0
     model_dir = os.path.join(output_dir, MODEL_DIR)
@@ -184,8 +186,8 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
         except UserError as e:
             error = str(e)
         else:
-            logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
-                                             model_dir, os.path.join(output_dir, TOKENIZER_DIR))
+            log.info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)", model_dir,
+                     os.path.join(output_dir, TOKENIZER_DIR))
     error = distributed.all_gather_object(error)[0]  # every rank says it, none waits for a rank that gave up
     if error:
         raise UserError(error)
@@ -200,7 +202,7 @@ def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
         if not force:
             raise UserError(f"{checkpoint_dir} has no {MARKER} marker: its save was interrupted and its files may be "
                             "partial; export an earlier checkpoint, or pass --force to export it anyway")
-        print(f"warning: {checkpoint_dir} has no {MARKER} marker (--force): its files may be partial")
+        log.warning("%s has no %s marker (--force): its files may be partial", checkpoint_dir, MARKER)
         for path in glob.glob(os.path.join(checkpoint_dir, "*.pt")):
             if not readable_archive(path):
                 raise UserError(f"{path} is not a readable archive (cut short): export an earlier checkpoint")
@@ -249,6 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer_dir", help="the tokenizer to ship with it (default: the one in the checkpoint)")
     parser.add_argument("--force", action="store_true", help="export a checkpoint whose save was interrupted")
     args = parser.parse_args(argv)
+    setup_logging()
     model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir, args.force)
     print(f"exported {args.checkpoint} to {model_dir}")
     return 0

@@ -18,6 +18,7 @@ other file descriptor of the same file is closed in the process. A file with a h
 """
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -27,6 +28,8 @@ import uuid
 import psutil
 
 from ds_mlm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".ds-mlm.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -77,7 +80,7 @@ class DirLock:
                 raise LockHeld(f"{self.flag} {self.directory} is in use by another {_describe(holder)}: wait for it "
                                f"to finish, stop it, or give another {self.flag}")
             if not said:
-                print(f"ds-mlm: waiting for {self.directory}: in use by {_describe(holder)}", flush=True)
+                log.warning("waiting for %s: in use by %s", self.directory, _describe(holder))
                 said = True
             time.sleep(POLL_SECONDS)
         self._thread = threading.Thread(target=self._heartbeat, name="ds-mlm-lock-heartbeat", daemon=True)
@@ -130,7 +133,7 @@ class DirLock:
             return
         os.remove(aside)
         if holder:
-            print(f"ds-mlm: took over the lock of {self.directory} from a dead {_describe(holder)}", flush=True)
+            log.warning("took over the lock of %s from a dead %s", self.directory, _describe(holder))
 
     # -- holding it -------------------------------------------------------------------------------------------------
 

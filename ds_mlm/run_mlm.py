@@ -25,16 +25,11 @@ from ds_mlm.args import parse_args  # noqa: E402
 from ds_mlm.errors import cli  # noqa: E402
 from ds_mlm.lock import DirLock  # noqa: E402
 from ds_mlm.model import count_parameters, resolve_config  # noqa: E402
+from ds_mlm.output import setup_logging  # noqa: E402
 from ds_mlm.prepare import prepare_datasets  # noqa: E402
 from ds_mlm.tokenization import load_tokenizer  # noqa: E402
 
-log = logging.getLogger("ds_mlm")
-
-
-def setup_logging(rank: int) -> None:
-    # Rank 0 tells the story; the other ranks speak only of trouble.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s [ds_mlm] %(message)s", datefmt="%H:%M:%S", force=True)
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

@@ -164,14 +164,14 @@ def test_a_second_job_on_the_same_cache_waits_then_reuses(tmp_path, bpe_tokenize
     said = []
     for line in second.stdout:  # the second job starts, finds the cache locked, and says it waits
         said.append(line)
-        if "ds-mlm: waiting for" in line:
+        if "waiting for" in line and ": in use by" in line:
             break
     (tmp_path / "go").touch()
     out_second = "".join(said) + second.communicate(timeout=120)[0]
     out_first, _ = first.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, out_first + out_second
     assert len(recorded(tmp_path / "first.txt")) == 2 and recorded(tmp_path / "second.txt") == []
-    assert f"ds-mlm: waiting for {cache}: in use by dataset build on " in out_second
+    assert f"waiting for {cache}: in use by dataset build on " in out_second
     assert "train: reusing the token dataset" in out_second and "train: built" in out_first
 
 
