@@ -22,11 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def size_of(path: Path) -> int:

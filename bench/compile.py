@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -40,10 +41,6 @@ SEQ, MICRO, VOCAB = 128, 8, 7993
 VARIANTS = {"eager, vocab 7,993": (1, None), "eager, padded": (64, None), "encoder compiled, static": (64, "encoder"),
             "engine.compile(), static": (64, "engine"), "engine.compile(), dynamic": (64, "dynamic")}
 STATIC_WIDTHS = ("encoder", "engine")  # the variants fed batches padded as --torch_compile pads them
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def tokenizer_and_batches(workdir: Path, n: int):

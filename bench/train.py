@@ -30,15 +30,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)  # tiny-ish
 SEQ, MICRO, VOCAB_TRAIN_LINES = 128, 8, 4000
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # -- shared pieces ------------------------------------------------------------------------------------------------
