@@ -152,7 +152,7 @@ def _resolve_zero(config: dict, path: str) -> int:
 DEEPSPEED_OPTIMIZERS = ("adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion",
                         "muon", "muadam", "muadamw", "musgd")
 NO_CPU_KERNEL = ("lamb", "lion", "onebitadam", "zerooneadam", "onebitlamb")  # "not been implemented on CPU backend"
-SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # DeepSpeed's top-level keys (its config reference), and ds-mlm's "seed": anything else is probably a typo.
 KNOWN_KEYS = frozenset((
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
@@ -238,9 +238,9 @@ def _resolve_scheduler(config: dict, r: _Resolver) -> None:
     if not isinstance(params, dict):
         raise UserError(f"{r.path}: \"scheduler\" must be an object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}")
     kind = str(sched.get("type", ""))
-    if kind not in SCHEDULERS:
-        raise UserError(f"{r.path}: unknown scheduler type {kind!r}: use one of {', '.join(SCHEDULERS)}, or drop the "
-                        "\"scheduler\" block for HF's schedules (--lr_scheduler_type)")
+    if kind not in DEEPSPEED_SCHEDULERS:
+        raise UserError(f"{r.path}: unknown scheduler type {kind!r}: use one of {', '.join(DEEPSPEED_SCHEDULERS)}, "
+                        "or drop the \"scheduler\" block for HF's schedules (--lr_scheduler_type)")
     if kind.startswith("Warmup"):  # WarmupLR, WarmupDecayLR, WarmupCosineLR: a missing key is "auto"
         params.setdefault("warmup_num_steps", AUTO)
         if kind != "WarmupLR":
