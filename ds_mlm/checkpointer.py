@@ -1,5 +1,11 @@
-"""Checkpoints that are either complete or ignored, the newest sound one chosen on resume, rotation, and resuming on
-another number of processes.
+"""The checkpoint policy of a run, end to end (as torchtitan's CheckpointManager), and the checkpoints on disk:
+either complete or ignored, the newest sound one chosen on resume, rotation, resuming on another number of processes.
+
+    checkpointer = Checkpointer(output_dir, dist, keep, save_steps, resume_from, overwrite)   # or .from_args
+    checkpointer.choose(plan)      # before the data: the checkpoint to resume; what the plan knows is checked
+    checkpointer.accept(plan)      # with the data: the rest checked; converted for another world size if needed
+    checkpointer.restore(trainer)  # engine, hyperparameters, trainer state, RNG (once the engine is built)
+    checkpointer.after_step(trainer); checkpointer.on_stop(trainer)   # the Trainer's questions: save now?
 
 On disk, under `--output_dir`:
 
@@ -144,17 +150,8 @@ def set_rng_states(states: dict) -> None:
 
 
 class Checkpointer:
-    """Owns the checkpoint policy of one `--output_dir`, end to end (as torchtitan's CheckpointManager): what to resume
-    (choose, check against the plan, convert for another world size, load, restore), when to save (every `save_steps`,
-    the last step, a signal), and rotation (`keep`). The Trainer asks it after every step and when it stops. Every
-    method is called on every rank.
-
-        checkpointer = Checkpointer(output_dir, dist, keep, save_steps, resume_from, overwrite)
-        checkpointer.choose(plan)      # before the data: the checkpoint to resume, what is known of the plan checked
-        checkpointer.accept(plan)      # with the data: the rest checked, converted for this world size if needed
-        checkpointer.restore(trainer)  # engine, hyperparameters, trainer state, RNG (after the engine is built)
-        checkpointer.after_step(trainer); checkpointer.on_stop(trainer)   # the Trainer's questions
-    """
+    """Owns the checkpoint policy of one `--output_dir` (module docstring): what to resume, when to save (every
+    `save_steps`, the last step, a signal), rotation (`keep`). Every method is called on every rank."""
 
     def __init__(self, output_dir: str, dist, keep=None, save_steps=None, resume_from=None, overwrite: bool = False):
         self.output_dir, self.dist, self.limit = output_dir, dist, keep
