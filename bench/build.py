@@ -39,12 +39,9 @@ CHUNK = 2500
 SLOW_CHUNK = 100  # newmm takes ~10 ms a line: chunks of 2500 lines would leave a worker idle on 1 MB of text
 
 from ds_mlm.data import DatasetSpec, build_store, list_text_files  # noqa: E402
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 _ENCODER = None  # the tokenizer's Rust backend, inherited by the baseline's forked workers
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def bpe_tokenizer(workdir: Path):

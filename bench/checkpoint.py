@@ -3,7 +3,7 @@
     .venv/bin/python bench/checkpoint.py [--vocab 50265] [--workdir DIR]
 
 For zero0.json, zero2.json and zero3.json (each in the precision it runs in on this CPU), one process: one optimizer
-step of roberta-base (the ancestor's shapes), then `Checkpointer.save` (DeepSpeed's files, the RNG states, the
+step of roberta-base (the ancestor's shapes), then `Checkpointer.write` (DeepSpeed's files, the RNG states, the
 trainer state, fsync of every file, the COMPLETE marker), then a fresh engine and `Checkpointer.load`. Then the
 elastic case: a ZeRO-2 checkpoint saved by 2 processes, converted to DeepSpeed's universal form (what a resume on
 another number of processes does once) and loaded by 1 process. The save time is what a preempted run needs
@@ -22,25 +22,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def size_of(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def engine_for(config_name: str, out: str, vocab: int, universal: bool = False):
+def engine_for(config_name: str, out: str, vocab: int):
     """A roberta-base engine built the way run_mlm builds it (flags -> ds_config -> plan -> engine)."""
     import torch
     from transformers import RobertaConfig
 
     from ds_mlm import distributed
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.engine import build_engine
     from ds_mlm.model import _COMMON, PRESETS, RobertaForMLMPretraining
     from ds_mlm.plan import make_plan
@@ -52,11 +48,10 @@ def engine_for(config_name: str, out: str, vocab: int, universal: bool = False):
                                               "2", "--max_steps", "100"])
     config = RobertaConfig(**_COMMON, **PRESETS["roberta-base"], vocab_size=vocab)
     device = this_device()
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, dist.world_size, device.name), device,
-                        dist.world_size, config)
+    plan, _ = make_plan(model_args, data_args, args, device, dist.world_size, config)
     plan = plan.with_data(10**6)
     torch.manual_seed(0)
-    return plan, build_engine(plan, RobertaForMLMPretraining(config), load_universal=universal), dist
+    return plan, build_engine(plan, RobertaForMLMPretraining(config)), dist
 
 
 def worker(config_name: str, out: str, vocab: int, mode: str) -> None:
@@ -76,18 +71,19 @@ def worker(config_name: str, out: str, vocab: int, mode: str) -> None:
         checkpointer = Checkpointer(out, dist)
         dist.barrier()
         t = time.perf_counter()
-        checkpointer.save(engine, 1, {"global_step": 1, "plan": plan.to_dict()})
+        checkpointer.write(engine, 1, {"global_step": 1, "plan": plan.to_dict()})
         timings["save"] = time.perf_counter() - t
         timings["precision"] = plan.precision
         del engine
     if mode in ("save", "load-universal"):
-        universal = mode == "load-universal"
-        plan, engine, dist = engine_for(config_name, out, vocab, universal=universal)
+        plan, engine, dist = engine_for(config_name, out, vocab)
         checkpointer = Checkpointer(out, dist)
-        chosen = checkpointer.choose()
+        t = time.perf_counter()
+        checkpointer.accept(plan)  # as a resume does: on another world size, the conversion to the universal form
+        timings["convert"] = time.perf_counter() - t
         dist.barrier()
         t = time.perf_counter()
-        checkpointer.load(engine, chosen, universal=universal, same_world=not universal)
+        checkpointer.load(engine, same_world=not checkpointer.universal)
         timings["load"] = time.perf_counter() - t
     if distributed.env_info().rank == 0:
         Path(out, f"timings-{mode}.json").write_text(json.dumps(timings))
@@ -115,9 +111,6 @@ def main():
         config_name, out, vocab, mode = args.worker
         return worker(config_name, out, int(vocab), mode)
 
-    from ds_mlm.checkpointer import Checkpointer
-    from ds_mlm.distributed import DistInfo
-
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ds-mlm-bench-ckpt-"))
     print(f"load average before: {load_avg()}; roberta-base with {args.vocab:,} vocabulary rows; files in {workdir}")
     print(f"{'config':12s} {'precision':9s} {'checkpoint':>11s} {'save':>8s} {'load':>8s}")
@@ -134,11 +127,8 @@ def main():
     shutil.rmtree(out, ignore_errors=True)
     saved = launch(2, "zero2.json", out, args.vocab, "save-only")
     size = size_of(out / "checkpoint-1")
-    t = time.perf_counter()
-    one = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
-    Checkpointer(str(out), one).make_universal({"path": str(out / "checkpoint-1"), "state": {}})
-    convert = time.perf_counter() - t
     loaded = launch(1, "zero2.json", out, args.vocab, "load-universal")
+    convert = loaded["convert"]
     print(f"zero2.json saved by 2 processes ({size / 2**30:.2f} GiB, save {saved['save']:.1f} "
           f"s), converted to the universal form in {convert:.1f} s, loaded by 1 process in {loaded['load']:.1f} s")
     shutil.rmtree(out)

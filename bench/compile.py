@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -40,10 +41,6 @@ SEQ, MICRO, VOCAB = 128, 8, 7993
 VARIANTS = {"eager, vocab 7,993": (1, None), "eager, padded": (64, None), "encoder compiled, static": (64, "encoder"),
             "engine.compile(), static": (64, "engine"), "engine.compile(), dynamic": (64, "dynamic")}
 STATIC_WIDTHS = ("encoder", "engine")  # the variants fed batches padded as --torch_compile pads them
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def tokenizer_and_batches(workdir: Path, n: int):
@@ -81,11 +78,10 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
     from transformers import RobertaConfig
 
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm.ds_config import deepspeed_config
     from ds_mlm.model import RobertaForMLMPretraining, pad_vocab
     from ds_mlm.optim import param_groups
-    from ds_mlm.plan import _deepspeed_dict
-    from ds_mlm.precision import choose, this_device
+    from ds_mlm.precision import this_device
 
     torch._dynamo.reset()  # a fresh model per variant: no guards or cache entries of the previous one
     torch.manual_seed(0)
@@ -95,8 +91,7 @@ def run(tokenizer, batches, shape: dict, pad: int, compile_what, warmup: int):
     pad_vocab(model, pad)
     args = parse_args(["--train_dir", "/nonexistent", "--output_dir", tempfile.gettempdir(), "--learning_rate",
                        "1e-4", "--per_device_train_batch_size", str(MICRO)])[2]
-    device, ds_json = this_device(), resolve_ds_config(args, world_size=1)
-    ds = _deepspeed_dict(ds_json, choose("bf16", device)[0], device, 1000, "zero2.json")  # as run_mlm's plan makes it
+    ds = deepspeed_config(args, 1, this_device(), max_steps=1000)[0]  # as run_mlm's plan makes it
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
     if compile_what == "encoder":  # trainer.py's --torch_compile
         engine.module.roberta.encoder.compile(dynamic=False)

@@ -23,7 +23,6 @@ import os
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from shards import write_sharded  # noqa: E402
 from ds_mlm.collator import MLMCollator  # noqa: E402
 from ds_mlm.data.manifest import ShardedStore  # noqa: E402
 from ds_mlm.data.store import StoreWriter, open_store  # noqa: E402
+from common import rate  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 VOCAB = 8000
 
@@ -72,15 +72,6 @@ def write_both(workdir: str, n: int, rng):
     write_sharded(os.path.join(workdir, "sharded"), tokens.astype(np.uint16), offsets, 100)
     return (StructReader(ancestor), open_store(os.path.join(workdir, "store")),
             ShardedStore(os.path.join(workdir, "sharded")))
-
-
-def rate(fn, seconds: float) -> float:
-    """Calls of fn per second over about `seconds`."""
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        fn()
-        calls += 1
-    return calls / elapsed
 
 
 def main():

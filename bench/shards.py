@@ -33,12 +33,9 @@ sys.path.insert(0, str(REPO))
 from ds_mlm.data.manifest import ShardedStore, finalize, shard_path  # noqa: E402
 from ds_mlm.data.plan import BuildOptions, DatasetPlan, ShardPlan, SourcePlan  # noqa: E402
 from ds_mlm.data.store import StoreWriter, open_store  # noqa: E402
+from common import load_avg, rate  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 VOCAB = 8000
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def random_samples(n: int, rng):
@@ -95,13 +92,6 @@ print(json.dumps({{"open_s": opened, "rss_mib": grown / 2**20, "once_s": checked
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
-
-def rate(fn, seconds: float) -> float:
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        fn()
-        calls += 1
-    return calls / elapsed
 
 
 def main():

@@ -30,15 +30,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)  # tiny-ish
 SEQ, MICRO, VOCAB_TRAIN_LINES = 128, 8, 4000
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # -- shared pieces ------------------------------------------------------------------------------------------------
@@ -121,15 +118,13 @@ def plan_for(args, world_size=1):
     from transformers import RobertaConfig
 
     from ds_mlm.args import parse_args
-    from ds_mlm.ds_config import resolve_ds_config
     from ds_mlm.plan import make_plan
     from ds_mlm.precision import this_device
 
     model_args, data_args, _ = parse_args(["--train_dir", ".", "--output_dir", args.output_dir,
                                            "--max_seq_length", str(SEQ)])
     device = this_device()
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, world_size, device.name), device,
-                        world_size, RobertaConfig(**MODEL))
+    plan, _ = make_plan(model_args, data_args, args, device, world_size, RobertaConfig(**MODEL))
     return plan.with_data(10**6)
 
 
@@ -180,28 +175,17 @@ def bench_throughput(workdir, tokenizer, train_ds, steps, repeats):
 def trainer_run(workdir, tokenizer, train_ds, steps, prefetch: int) -> dict:
     """One run of the real Trainer; the engine's forward/backward/step timed from outside."""
     from ds_mlm.args import parse_args
-    from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.distributed import env_info
-    from ds_mlm.ds_config import resolve_ds_config
-    from ds_mlm.plan import make_plan
-    from ds_mlm.precision import this_device
-    from ds_mlm.run_mlm import setup_training
+    from ds_mlm.run_mlm import plan_run, setup_training
     from ds_mlm.signals import StopOnSignal
 
     out = workdir / f"trainer_{prefetch}"
-    model_args, data_args, args = parse_args([
+    args = parse_args([
         "--train_dir", str(workdir), "--output_dir", str(out), "--max_seq_length", str(SEQ), "--config_name",
         str(workdir / "model.json"), "--deepspeed_config", "zero2.json", "--max_steps", str(steps),
         "--per_device_train_batch_size", str(MICRO), "--logging_steps", "10", "--save_steps", "1000000",
         "--overwrite_output_dir", "true"])
-    device, dist = this_device(), env_info()
-    from ds_mlm.model import resolve_config
-
-    config = resolve_config(model_args, tokenizer, SEQ)
-    plan, _ = make_plan(model_args, data_args, args, resolve_ds_config(args, 1, device.name), device, 1, config)
-    plan = plan.with_data(len(train_ds))
-    checkpointer = Checkpointer(str(out), dist)
-    trainer = setup_training(plan, model_args, data_args, args, tokenizer, dist, checkpointer, None, train_ds, None)
+    trainer = setup_training(plan_run(args, tokenizer, env_info()), tokenizer, train_ds, None)
     trainer.loader.prefetch = prefetch
     engine, spent = trainer.engine, [0.0]
 

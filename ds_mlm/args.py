@@ -23,7 +23,7 @@ LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
 VERIFY_POLICIES = ("once", "always", "never")
 PACKINGS = ("best_fit", "sequential")  # data/packing.py's, not imported: --help stays light
 EVAL_STRATEGIES = ("no", "steps", "epoch")
-SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -139,7 +139,7 @@ class TrainingArguments:
     per_device_eval_batch_size: int = arg(8, "Evaluation batch size per process.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
     warmup_steps: int = arg(0, "Linear warm-up steps of the learning rate.")
-    lr_scheduler_type: str = arg("linear", f"Schedule after warm-up: {', '.join(SCHEDULERS)}.")
+    lr_scheduler_type: str = arg("linear", f"Schedule after warm-up: {', '.join(LR_SCHEDULES)}.")
     seed: int = arg(42, "Seed of the model init, the sample order and the masking.")
     fp16: bool = arg(False, "Mixed precision fp16 (dynamic loss scale). Where the device cannot do fp16 (most CPUs) bf16 is used, with a warning.")
     bf16: bool = arg(False, "Mixed precision bf16.")
@@ -168,8 +168,8 @@ class TrainingArguments:
             raise UserError("--fp16 and --bf16 both given: choose one precision")
         if self.evaluation_strategy not in EVAL_STRATEGIES:
             raise UserError(f"unknown --evaluation_strategy {self.evaluation_strategy!r}: use one of {', '.join(EVAL_STRATEGIES)}")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise UserError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}")
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise UserError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}: use one of {', '.join(LR_SCHEDULES)}")
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps  # as HF does
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

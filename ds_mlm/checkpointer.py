@@ -1,5 +1,11 @@
-"""Checkpoints that are either complete or ignored, the newest sound one chosen on resume, rotation, and resuming on
-another number of processes.
+"""The checkpoint policy of a run, end to end (as torchtitan's CheckpointManager), and the checkpoints on disk:
+either complete or ignored, the newest sound one chosen on resume, rotation, resuming on another number of processes.
+
+    checkpointer = Checkpointer(output_dir, dist, keep, save_steps, resume_from, overwrite)   # or .from_args
+    checkpointer.choose(plan)      # before the data: the checkpoint to resume; what the plan knows is checked
+    checkpointer.accept(plan)      # with the data: the rest checked; converted for another world size if needed
+    checkpointer.restore(trainer)  # engine, hyperparameters, trainer state, RNG (once the engine is built)
+    checkpointer.after_step(trainer); checkpointer.on_stop(trainer)   # the Trainer's questions: save now?
 
 On disk, under `--output_dir`:
 
@@ -39,6 +45,8 @@ import torch
 from ds_mlm import atomic
 from ds_mlm.errors import UserError
 from ds_mlm.signals import die_with_parent
+from ds_mlm.hashing import seed_from
+from ds_mlm.plan import compare
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ PREFIX, MARKER, POINTER, STATE_FILE, UNIVERSAL = "checkpoint-", "COMPLETE", "lat
     "trainer_state.json", "universal"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 CONVERT_SECONDS = 3 * 3600.0  # ds_to_universal of a large model takes minutes; hours means it hangs
+_UNCHOSEN = object()
 
 
 def step_of(path: str) -> int:
@@ -143,17 +152,38 @@ def set_rng_states(states: dict) -> None:
 
 
 class Checkpointer:
-    """Owns the checkpoints of one `--output_dir` (module docstring). Every method is called on every rank."""
+    """Owns the checkpoint policy of one `--output_dir` (module docstring): what to resume, when to save (every
+    `save_steps`, the last step, a signal), rotation (`keep`). Every method is called on every rank."""
 
-    def __init__(self, output_dir: str, dist, save_total_limit=None):
-        self.output_dir, self.dist, self.limit = output_dir, dist, save_total_limit
+    def __init__(self, output_dir: str, dist, keep=None, save_steps=None, resume_from=None, overwrite: bool = False):
+        self.output_dir, self.dist, self.limit = output_dir, dist, keep
+        self.save_steps, self.resume_from, self.overwrite = save_steps, resume_from, overwrite
+        self.chosen = _UNCHOSEN  # {"path", "state"} of the checkpoint to resume, or None to start afresh
+        self.universal = False  # does the chosen checkpoint load through DeepSpeed's universal form?
+        self._checked = None  # the plan the chosen checkpoint was last compared with
+        self._saved_step = self._cleared = None
+
+    @classmethod
+    def from_args(cls, dist, train_args) -> "Checkpointer":
+        return cls(train_args.output_dir, dist, train_args.save_total_limit, train_args.save_steps,
+                   train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
+
+    @property
+    def fresh_over_old(self) -> bool:
+        """A fresh run over an old --output_dir (--overwrite_output_dir, nothing resumed)."""
+        return bool(self.overwrite) and self.choose() is None
 
     # -- choosing what to resume --------------------------------------------------------------------------------------
 
-    def choose(self, resume_from=None, overwrite: bool = False):
+    def choose(self, plan=None):
         """The checkpoint to resume as {"path", "state"} (its trainer_state.json), or None to start afresh; rank 0
-        decides for every rank (nodes may see a shared directory's pointer at different moments)."""
-        return self.dist.decide(self._choose, resume_from, overwrite)
+        decides for every rank (nodes may see a shared directory's pointer at different moments), once. With a plan:
+        refuse (one UserError) what the checkpoint cannot fit, of what the plan knows and was not checked yet."""
+        if self.chosen is _UNCHOSEN:
+            self.chosen = self.dist.decide(self._choose, self.resume_from, self.overwrite)
+        if plan is not None and self.chosen is not None:
+            self._check(plan)
+        return self.chosen
 
     def _choose(self, resume_from, overwrite):
         if resume_from:
@@ -189,45 +219,90 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise UserError(f"{path}/{STATE_FILE} is unreadable ({e}): resume from another checkpoint") from None
 
+    def _check(self, plan) -> None:
+        """Refuse, with one line, a resume the checkpoint's state cannot fit; say what the run follows otherwise. Each
+        setting is compared once: before the data only what is known, then what the data added (plan.compare)."""
+        chosen = self.chosen
+        saved = chosen["state"].get("plan")
+        if saved is None:
+            raise UserError(f"{chosen['path']} was saved by an older ds-mlm without a run plan: resume it with that "
+                            "version, or export it (python -m ds_mlm.export) and warm-start with --model_name_or_path")
+        refusals, notes = compare(saved, plan, known_before=self._checked)
+        if refusals:
+            raise UserError(f"cannot resume {chosen['path']}: {'; '.join(refusals)}; restore those settings, or start "
+                            "afresh with --overwrite_output_dir (python -m ds_mlm.export turns the checkpoint into a "
+                            "model to warm-start from with --model_name_or_path)")
+        if self.dist.is_main:
+            for note in notes:
+                log.warning("resume: %s", note)
+        self._checked = plan
+
+    def accept(self, plan) -> None:
+        """With the whole plan (its data known): check the rest, and convert the checkpoint to DeepSpeed's universal
+        form when its ZeRO partitions must be regrouped for this world size. Before anything of the run is written."""
+        if self.choose(plan) is None:
+            return
+        self.universal = self.chosen["state"]["plan"]["world_size"] != plan.world_size and plan.zero_stage > 0
+        if self.universal:
+            self.dist.decide(self._make_universal)
+
+    def _make_universal(self) -> None:
+        """Convert the chosen checkpoint to DeepSpeed's universal form beside it, once (rank 0; the others wait)."""
+        path = self.chosen["path"]
+        if os.path.isdir(os.path.join(path, UNIVERSAL)):
+            return
+        started = time.perf_counter()
+        with atomic.staging_dir(os.path.join(path, UNIVERSAL), durable=False) as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+                   "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            try:  # tied to this rank (killed with it, even by SIGKILL); rank 0's own wait needs a bound
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_SECONDS,
+                                      preexec_fn=die_with_parent())
+            except subprocess.TimeoutExpired:
+                raise UserError(f"converting {path} for another number of processes did not end within "
+                                f"{CONVERT_SECONDS:.0f} s (deepspeed.checkpoint.ds_to_universal hangs): resume "
+                                "with the number of processes it was saved with") from None
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+                saved = self.chosen["state"].get("plan", {}).get("world_size", "its")
+                raise UserError(f"could not convert {path} for another number of processes ({last}): resume "
+                                f"with {saved} processes")
+        log.info("converted %s to DeepSpeed's universal checkpoint form in %.1f s (kept in %s/%s)", path,
+                 time.perf_counter() - started, path, UNIVERSAL)
+
     # -- loading --------------------------------------------------------------------------------------------------------
 
-    def universal_needed(self, chosen, plan) -> bool:
-        """Do the checkpoint's ZeRO partitions have to be regrouped for this world size?"""
-        saved = chosen["state"]["plan"]
-        return saved["world_size"] != plan.world_size and plan.zero_stage > 0
+    def restore(self, trainer) -> None:
+        """Resume the accepted checkpoint, if any, into the trainer: the engine (weights, optimizer, schedule), the
+        plan's hyperparameters, the trainer's state, and the RNG (each rank's own on the same world size; re-seeded
+        from (seed, step, rank) on another, since per-rank states do not map onto another number of ranks)."""
+        if self.choose() is None:
+            return
+        from ds_mlm.optim import apply_hyperparameters
 
-    def make_universal(self, chosen) -> None:
-        """Convert the checkpoint to DeepSpeed's universal form beside it, once (rank 0; the others wait)."""
-        def convert():
-            path = chosen["path"]
-            if os.path.isdir(os.path.join(path, UNIVERSAL)):
-                return
-            started = time.perf_counter()
-            with atomic.staging_dir(os.path.join(path, UNIVERSAL), durable=False) as tmp:
-                cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-                       "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
-                       "--num_merge_workers", "1"]
-                try:  # tied to this rank (killed with it, even by SIGKILL); rank 0's own wait needs a bound
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_SECONDS,
-                                          preexec_fn=die_with_parent())
-                except subprocess.TimeoutExpired:
-                    raise UserError(f"converting {path} for another number of processes did not end within "
-                                    f"{CONVERT_SECONDS:.0f} s (deepspeed.checkpoint.ds_to_universal hangs): resume "
-                                    "with the number of processes it was saved with") from None
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-                    saved = chosen["state"].get("plan", {}).get("world_size", "its")
-                    raise UserError(f"could not convert {path} for another number of processes ({last}): resume "
-                                    f"with {saved} processes")
-            log.info("converted %s to DeepSpeed's universal checkpoint form in %.1f s (kept in %s/%s)", path,
-                     time.perf_counter() - started, path, UNIVERSAL)
+        plan, engine, state = trainer.plan, trainer.engine, self.chosen["state"]
+        saved_world = state["plan"]["world_size"]
+        self.load(engine, same_world=saved_world == self.dist.world_size)
+        apply_hyperparameters(engine, plan)
+        trainer.load_state_dict(state)
+        if saved_world != self.dist.world_size:
+            seed = seed_from(plan.seed, trainer.global_step, self.dist.rank)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            log.info("resumed on %d processes a checkpoint of %d%s: dropout is re-seeded from (seed, step, rank)",
+                     self.dist.world_size, saved_world,
+                     " (through DeepSpeed's universal checkpoint)" if self.universal else "")
+        log.info("resumed from %s at step %d (%s samples consumed); the next step runs at lr %.4g", self.chosen["path"],
+                 trainer.global_step, f"{state['sampler']['consumed_samples']:,}", engine.get_lr()[0])
 
-        self.dist.decide(convert)
-
-    def load(self, engine, chosen, universal: bool, same_world: bool) -> None:
-        """Restore the engine (weights, optimizer, schedule) and, on the same world size, this rank's RNG states."""
-        path = chosen["path"]
-        parent, tag = (path, UNIVERSAL) if universal else os.path.split(os.path.normpath(path))
+    def load(self, engine, same_world: bool) -> None:
+        """Restore the engine from the chosen checkpoint and, on the same world size, this rank's RNG states."""
+        path = self.chosen["path"]
+        if self.universal:  # DeepSpeed reads this flag only inside load_checkpoint (runtime/engine.py, 0.19.8)
+            engine._config.load_universal_checkpoint = True
+        parent, tag = (path, UNIVERSAL) if self.universal else os.path.split(os.path.normpath(path))
         try:
             loaded, _ = engine.load_checkpoint(parent, tag=tag, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
@@ -241,10 +316,38 @@ class Checkpointer:
         if same_world and os.path.isfile(rng_file):
             set_rng_states(torch.load(rng_file, weights_only=False))  # our own file: numpy/python states need pickle
 
+    # -- when to save (the Trainer asks) --------------------------------------------------------------------------------
+
+    def after_step(self, trainer) -> None:
+        """After each optimizer step: a fresh run over an old --output_dir clears the old run's checkpoints once it has
+        taken its first step (a run that never started leaves the old one whole); save every `save_steps` steps and
+        at the last step (a rerun then finds the training done)."""
+        if self.fresh_over_old and not self._cleared:
+            self._cleared = True
+            self.clear_previous_run()
+        step = trainer.global_step
+        if (self.save_steps and step % self.save_steps == 0) or step == trainer.plan.max_steps:
+            self.save(trainer)
+
+    def on_stop(self, trainer) -> bool:
+        """A signal stops the run: save the step reached unless it is saved already (or none was taken)."""
+        if self._saved_step == trainer.global_step or trainer.global_step == 0:
+            return False
+        self.save(trainer)
+        return True
+
+    def save(self, trainer) -> str:
+        """checkpoint-{step} of the trainer: its engine, its state and the plan, and the files export needs."""
+        state = {**trainer.state_dict(), "plan": trainer.plan.to_dict()}
+        path = self.write(trainer.engine, trainer.global_step, state, trainer.write_extras)
+        self._saved_step = trainer.global_step
+        log.info("saved %s", path)
+        return path
+
     # -- saving ---------------------------------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, state: dict, write_extras=None) -> str:
-        """Save checkpoint-{step} on every rank; rank 0 writes the trainer state, marks it complete, moves the pointer,
+    def write(self, engine, step: int, state: dict, write_extras=None) -> str:
+        """Write checkpoint-{step} on every rank; rank 0 writes the trainer state, marks it complete, moves the pointer,
         then rotates."""
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, \
             UNIVERSAL_CHECKPOINT_VERSION_VALUE

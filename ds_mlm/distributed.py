@@ -24,7 +24,7 @@ from ds_mlm.peers import Peers
 
 DEFAULT_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default: a peer silent this long is lost
 DEFAULT_PORT = "29500"  # torch's and DeepSpeed's default: the same on every node without being told
-SCHEDULERS = {  # name: (rank, world size, local rank, local world size) variables of each process
+JOB_SCHEDULER_ENV = {  # name: (rank, world size, local rank, local world size) variables of each process
     "OpenMPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
     "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
@@ -89,7 +89,7 @@ def _slurm_tasks_on_this_node() -> int:
 
 def _scheduler_ranks():
     """(scheduler name, rank, world size, local rank, local world size) from mpirun's or srun's variables, or None."""
-    for name, keys in SCHEDULERS.items():
+    for name, keys in JOB_SCHEDULER_ENV.items():
         if all(k in os.environ for k in keys if k is not None):
             rank, world, local = (int(os.environ[k]) for k in keys[:3])
             local_world = int(os.environ[keys[3]]) if keys[3] else _slurm_tasks_on_this_node()

@@ -6,9 +6,11 @@ The precedence rule (also in ds_configs/README.md), for every setting that is bo
     2. otherwise a JSON value of "auto" (or a missing key) takes the flag's default;
     3. otherwise the JSON value stands.
 
-Each time a given flag replaces a different value written in the JSON, one log line says so. The result is the JSON
-the flags have spoken into; `plan.make_plan` reads the run's effective settings from it (nothing is written back
-into the arguments) and adds what depends on the device (precision.py) and on the data (the step count).
+Each time a given flag replaces a different value written in the JSON, one log line says so. `resolve_ds_config` is
+the JSON the flags have spoken into; `deepspeed_config` adds what depends on the device (precision.py) and ds-mlm's
+optimizer choice, checks it once and has DeepSpeed validate it; `with_total_steps` adds the step count once the data
+are known. This module is the one writer of the DeepSpeed dict; `plan.make_plan` reads the run's effective settings
+from it (nothing is written back into the arguments).
 Flag -> JSON key:
 
     --per_device_train_batch_size  train_micro_batch_size_per_gpu     --max_grad_norm  gradient_clipping
@@ -150,7 +152,7 @@ def _resolve_zero(config: dict, path: str) -> int:
 DEEPSPEED_OPTIMIZERS = ("adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion",
                         "muon", "muadam", "muadamw", "musgd")
 NO_CPU_KERNEL = ("lamb", "lion", "onebitadam", "zerooneadam", "onebitlamb")  # "not been implemented on CPU backend"
-SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # DeepSpeed's top-level keys (its config reference), and ds-mlm's "seed": anything else is probably a typo.
 KNOWN_KEYS = frozenset((
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
@@ -236,9 +238,9 @@ def _resolve_scheduler(config: dict, r: _Resolver) -> None:
     if not isinstance(params, dict):
         raise UserError(f"{r.path}: \"scheduler\" must be an object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}")
     kind = str(sched.get("type", ""))
-    if kind not in SCHEDULERS:
-        raise UserError(f"{r.path}: unknown scheduler type {kind!r}: use one of {', '.join(SCHEDULERS)}, or drop the "
-                        "\"scheduler\" block for HF's schedules (--lr_scheduler_type)")
+    if kind not in DEEPSPEED_SCHEDULERS:
+        raise UserError(f"{r.path}: unknown scheduler type {kind!r}: use one of {', '.join(DEEPSPEED_SCHEDULERS)}, "
+                        "or drop the \"scheduler\" block for HF's schedules (--lr_scheduler_type)")
     if kind.startswith("Warmup"):  # WarmupLR, WarmupDecayLR, WarmupCosineLR: a missing key is "auto"
         params.setdefault("warmup_num_steps", AUTO)
         if kind != "WarmupLR":
@@ -281,7 +283,66 @@ def resolve_ds_config(args, world_size: int, device: str = "cpu") -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"{path}: seed is {seed!r}: it must be an integer >= 0 (or \"auto\")")
     _resolve_scheduler(config, r)
-    leftover = leftover_auto({k: v for k, v in config.items() if k != "scheduler"})
-    if leftover:
-        raise UserError(f"{path}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
     return config
+
+
+def deepspeed_config(args, world_size: int, device, max_steps=None):
+    """(the dict deepspeed.initialize gets, the precision the run trains in, the warning to print once when the
+    device changed the precision, or None): the rule above, the device's say (precision.py), ds-mlm's optimizer
+    choice, then one check for a value left "auto" and DeepSpeed's own validation. `device`: a precision.Device;
+    `max_steps`: the step count for a JSON scheduler's "auto" total_num_steps (None until the data are known:
+    `with_total_steps`). The one writer of the DeepSpeed dict."""
+    from ds_mlm.precision import choose
+
+    source = find_config(args.deepspeed_config)
+    config = resolve_ds_config(args, world_size, device.name)
+    precision, warning = choose(requested_precision(config), device)
+    config["fp16"]["enabled"], config["bf16"]["enabled"] = precision == "fp16", precision == "bf16"
+    params = config["optimizer"]["params"]
+    offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if str(config["optimizer"]["type"]).lower() in ("adam", "adamw") and not offload:
+        # torch.optim.AdamW(fused=True): nothing to JIT-compile (DeepSpeed's FusedAdam takes ~50 s on CPU and does
+        # not resume bit-exactly there), and on CPU 5x faster per step than the foreach one (bench/train.py)
+        if params.setdefault("torch_adam", True):
+            params.setdefault("fused", True)
+    sched = config.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == AUTO:
+        sched["total_num_steps"] = max_steps  # None until the data are known (with_total_steps)
+    leftover = leftover_auto(config)  # the one check: the flags, the device and the plan had their say
+    if leftover:
+        raise UserError(f"{source}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
+    _deepspeed_accepts(config, source)
+    return config, precision, warning
+
+
+def with_total_steps(config: dict, max_steps: int) -> dict:
+    """The dict once the step count is known: a JSON scheduler's total_num_steps left "auto" gets it (a copy)."""
+    config = copy.deepcopy(config)
+    sched = config.get("scheduler", {}).get("params", {})
+    if "total_num_steps" in sched and sched["total_num_steps"] is None:
+        sched["total_num_steps"] = max_steps
+    return config
+
+
+def _deepspeed_accepts(config: dict, source: str) -> None:
+    """DeepSpeed's own validation (pydantic: unknown or mistyped keys inside its blocks), before anything is written,
+    instead of a traceback from deepspeed.initialize later. The batch arithmetic was checked already; without a
+    process group DeepSpeed counts a world of one (and a test may plan for another world than its own), so it is given
+    the batch of the world it will count."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from ds_mlm import distributed
+
+    checked = copy.deepcopy(config)
+    sched = checked.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps", 0) is None:
+        sched["total_num_steps"] = 1  # a stand-in until the step count is known
+    world = torch.distributed.get_world_size() if distributed.initialized() else 1  # the world DeepSpeed will count
+    checked["train_batch_size"] = checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"] * world
+    try:
+        DeepSpeedConfig(checked)
+    except Exception as e:  # noqa: BLE001 (pydantic's ValidationError, ValueError, AssertionError...)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{source}: DeepSpeed rejects this config ({'; '.join(lines[:3])[:300]}): fix or remove "
+                        "that key") from None

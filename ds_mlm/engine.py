@@ -1,11 +1,11 @@
 """The DeepSpeed engine of a run: `deepspeed.initialize` around the model, with the plan's config, parameter groups
 and learning-rate schedule.
 
-    engine = build_engine(plan, model, load_universal=False)
+    engine = build_engine(plan, model)
 
-`load_universal` adds DeepSpeed's `"checkpoint": {"load_universal": true}` (read at initialize time) when the
-resumed checkpoint was saved by another number of processes (checkpointer.py). Without a JSON `scheduler` block
-the schedule is HF's (optim.Schedule); with one it is DeepSpeed's own. `--torch_compile` compiles the encoder.
+The config is the plan's DeepSpeed dict as ds_config.py wrote it (a copy: DeepSpeed may fill it in). Loading a
+checkpoint, universal form included, is the checkpointer's. Without a JSON `scheduler` block the schedule is HF's
+(optim.Schedule); with one it is DeepSpeed's own. `--torch_compile` compiles the encoder.
 """
 
 import copy
@@ -13,12 +13,10 @@ import copy
 from ds_mlm.optim import Schedule, param_groups
 
 
-def build_engine(plan, model, load_universal: bool = False):
+def build_engine(plan, model):
     import deepspeed
 
     config = copy.deepcopy(plan.ds_config)
-    if load_universal:
-        config.setdefault("checkpoint", {})["load_universal"] = True
     schedule = None
     if not plan.schedule.startswith("deepspeed:"):
         def schedule(optimizer):

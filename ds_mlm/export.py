@@ -31,6 +31,7 @@ import argparse
 import errno
 import glob
 import json
+import logging
 import os
 import tempfile
 from typing import Optional
@@ -40,6 +41,9 @@ import torch
 from ds_mlm import atomic, distributed, preflight
 from ds_mlm.errors import UserError, cli
 from ds_mlm.optim import param_groups
+from ds_mlm.output import setup_logging
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "roberta_thai"
 TOKENIZER_DIR = "roberta_thai_tokenizer"
@@ -243,8 +247,6 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
                  step: Optional[int] = None) -> str:
     """The run's final export: the engine's fp32 weights (at `step`) with the tokenizer. Call on every rank; rank 0
     writes. `intact`: what the one-line error of a failed write says is still good (the run's last checkpoint)."""
-    import logging
-
     tensors = gather_fp32_state_dict(engine)
     model_dir = os.path.join(output_dir, MODEL_DIR)
 
@@ -258,8 +260,8 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
         check_destination(output_dir, step, final_names=own_names(tokenizer))
         save_model_dir(fresh, unpad_state_dict(tensors, real_vocab_size(engine.module.config)), tokenizer,
                        output_dir, intact, step=step)
-        logging.getLogger(__name__).info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)",
-                                         model_dir, os.path.join(output_dir, TOKENIZER_DIR))
+        log.info("exported the fp32 model and tokenizer to %s (tokenizer alone: %s)", model_dir,
+                 os.path.join(output_dir, TOKENIZER_DIR))
 
     # rank 0 writes; every rank says its error, and none waits for it inside a collective (a slow disk is no timeout)
     distributed.decide(save)
@@ -274,7 +276,7 @@ def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
         if not force:
             raise UserError(f"{checkpoint_dir} has no {MARKER} marker: its save was interrupted and its files may be "
                             "partial; export an earlier checkpoint, or pass --force to export it anyway")
-        print(f"warning: {checkpoint_dir} has no {MARKER} marker (--force): its files may be partial")
+        log.warning("%s has no %s marker (--force): its files may be partial", checkpoint_dir, MARKER)
         for path in glob.glob(os.path.join(checkpoint_dir, "*.pt")):
             if not readable_archive(path):
                 raise UserError(f"{path} is not a readable archive (cut short): export an earlier checkpoint")
@@ -331,6 +333,7 @@ def main(argv=None) -> int:
                         help="export a checkpoint whose save was interrupted, and replace a destination that holds "
                              "files no export wrote or a newer export (each replacement is named)")
     args = parser.parse_args(argv)
+    setup_logging()
     model_dir = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_dir, args.force)
     print(f"exported {args.checkpoint} to {model_dir}")
     return 0

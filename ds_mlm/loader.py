@@ -4,6 +4,7 @@
     loader.load_state_dict(saved)   # optional: the sampler position of a checkpoint
     step = loader.next()            # a Step: this rank's micro-batches (on the device) and what they hold
     loader.state_dict()             # the position after the steps handed out (never the ones built ahead)
+    loader.put_back()               # the step last handed out was not trained: the position goes back before it
     loader.close()
 
 A background thread reads each step's samples (zero-copy views of the token store), masks them (collator.py, a
@@ -63,7 +64,7 @@ class StepLoader:
         self.sources_of = getattr(dataset, "sources_of", None)
         self.num_sources = len(getattr(dataset, "source_names", ()) or ())
         self.wait_seconds = 0.0
-        self._position = sampler.state_dict()
+        self._position = self._previous = sampler.state_dict()
         self._queue = self._thread = None
         self._stop = threading.Event()
 
@@ -117,7 +118,7 @@ class StepLoader:
         self.wait_seconds += time.perf_counter() - started
         step.micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                               for b in step.micro_batches]
-        self._position = step.position
+        self._previous, self._position = self._position, step.position
         return step
 
     def _take(self):
@@ -133,6 +134,10 @@ class StepLoader:
 
     def state_dict(self) -> dict:
         return dict(self._position)
+
+    def put_back(self) -> None:
+        """The step last handed out was not trained (the run stops before it): the position is the one before it."""
+        self._position = self._previous
 
     def load_state_dict(self, state: dict) -> None:
         if self._thread is not None:

@@ -21,6 +21,7 @@ other file descriptor of the same file is closed in the process. A file with a h
 """
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -30,6 +31,8 @@ import uuid
 import psutil
 
 from ds_mlm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".ds-mlm.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -89,8 +92,8 @@ class DirLock:
                 raise LockHeld(f"waited {self.wait_limit:.0f} s for {self.flag} {self.directory}, still in use by "
                                f"{_describe(holder)}: if that job hangs, stop it; or give another {self.flag}")
             if said is None or now - said > SAY_WAITING_EVERY:
-                print(f"ds-mlm: waiting for {self.directory}: in use by {_describe(holder)} (for {now - started:.0f} "
-                      f"s, giving up after {self.wait_limit:.0f} s)", flush=True)
+                log.warning("waiting for %s: in use by %s (for %.0f s, giving up after %.0f s)", self.directory,
+                            _describe(holder), now - started, self.wait_limit)
                 said = now
             if self.idle is not None:
                 self.idle()
@@ -147,7 +150,7 @@ class DirLock:
             return
         os.remove(aside)
         if holder:
-            print(f"ds-mlm: took over the lock of {self.directory} from a dead {_describe(holder)}", flush=True)
+            log.warning("took over the lock of %s from a dead %s", self.directory, _describe(holder))
 
     # -- holding it -------------------------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The run plan: every effective setting of a run, derived once, by pure functions, from the flags, the ds_config
 JSON, the device, the world and the data. Every module reads the plan; nothing writes back into the arguments.
 
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world_size, config, tokenizer_id)
+    plan, warning = make_plan(model_args, data_args, train_args, device, world_size, config, tokenizer_id)
     plan = plan.with_data(train_samples)   # the step count, once the token store is known
-    plan.ds_config            # the dict deepspeed.initialize gets (also written to OUTPUT_DIR/ds_config.json)
+    plan.ds_config            # the dict deepspeed.initialize gets (ds_config.py writes it; OUTPUT_DIR/ds_config.json)
     plan.to_dict()            # saved in every checkpoint's trainer_state.json
     refusals, notes = compare(saved_plan_dict, plan)   # on resume: what the run follows, warns about or refuses
 
@@ -23,15 +23,13 @@ Everything but the step count is known before the datasets are built, so a resum
 before an hours-long build (compare() skips what is not known yet).
 """
 
-import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Tuple
 
-from ds_mlm.ds_config import AUTO, find_config, leftover_auto, requested_precision
-from ds_mlm.errors import UserError
-from ds_mlm.precision import Device, choose
+from ds_mlm.ds_config import deepspeed_config, with_total_steps
+from ds_mlm.precision import Device
 
 MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size")
@@ -45,8 +43,6 @@ class RunPlan:
     """Samples per micro-batch per process."""
     grad_accumulation: int
     """Micro-batches per optimizer step per process."""
-    global_batch: int
-    """Samples per optimizer step: micro_batch x grad_accumulation x world_size."""
     seq_length: int
     """Ids per sample at most (--max_seq_length)."""
     precision: str
@@ -103,6 +99,11 @@ class RunPlan:
     """[[training source (absolute), its share of the samples (--train_weights, normalised) or None]]."""
 
     @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: micro_batch x grad_accumulation x world_size (the JSON's train_batch_size)."""
+        return self.micro_batch * self.grad_accumulation * self.world_size
+
+    @property
     def epochs(self) -> float:
         return self.max_steps / max(self.steps_per_epoch, 1)
 
@@ -110,99 +111,51 @@ class RunPlan:
         """The plan once the training set is known: its step count, in the plan and in a JSON scheduler block."""
         steps_per_epoch = max(train_samples // self.global_batch, 1)
         max_steps = self.max_steps or max(math.ceil(self.num_train_epochs * steps_per_epoch), 1)
-        config = copy.deepcopy(self.ds_config)
-        sched = config.get("scheduler", {}).get("params", {})
-        if sched.get("total_num_steps") in (AUTO, None) and "total_num_steps" in sched:
-            sched["total_num_steps"] = max_steps
         return replace(self, train_samples=train_samples, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-                       ds_config=config)
+                       ds_config=with_total_steps(self.ds_config, max_steps))
 
     def to_dict(self) -> dict:
+        """What a checkpoint records (trainer_state.json) and compare() reads: the fields, and the global batch
+        (derived, but recorded as before so checkpoints of every version compare alike)."""
         out = asdict(self)
         out.pop("ds_config")
         out["betas"] = list(self.betas)
+        out["global_batch"] = self.global_batch
         return out
 
 
-def _deepspeed_dict(ds_json: dict, precision: str, device: Device, max_steps, source: str) -> dict:
-    config = copy.deepcopy(ds_json)
-    config["fp16"]["enabled"], config["bf16"]["enabled"] = precision == "fp16", precision == "bf16"
-    params = config["optimizer"]["params"]
-    offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in (None, "none")
-    if str(config["optimizer"]["type"]).lower() in ("adam", "adamw") and not offload:
-        # torch.optim.AdamW(fused=True): nothing to JIT-compile (DeepSpeed's FusedAdam takes ~50 s on CPU and does
-        # not resume bit-exactly there), and on CPU 5x faster per step than the foreach one (bench/train.py)
-        if params.setdefault("torch_adam", True):
-            params.setdefault("fused", True)
-    sched = config.get("scheduler", {}).get("params", {})
-    if sched.get("total_num_steps") == AUTO:
-        sched["total_num_steps"] = max_steps  # None until the data are known (with_data)
-    leftover = leftover_auto(config)
-    if leftover:
-        raise UserError(f"{source}: {leftover} is \"auto\" but no ds-mlm flag sets it: write a value")
-    _deepspeed_accepts(config, source)
-    return config
-
-
-def _deepspeed_accepts(config: dict, source: str) -> None:
-    """DeepSpeed's own validation (pydantic: unknown or mistyped keys inside its blocks), before anything is written,
-    instead of a traceback from deepspeed.initialize later. The batch arithmetic was checked already; without a
-    process group DeepSpeed counts a world of one (and a test may plan for another world than its own), so it is given
-    the batch of the world it will count."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from ds_mlm import distributed
-
-    import torch
-
-    checked = copy.deepcopy(config)
-    sched = checked.get("scheduler", {}).get("params", {})
-    if sched.get("total_num_steps", 0) is None:
-        sched["total_num_steps"] = 1  # a stand-in until the step count is known
-    world = torch.distributed.get_world_size() if distributed.initialized() else 1  # the world DeepSpeed will count
-    checked["train_batch_size"] = checked["train_micro_batch_size_per_gpu"] * checked["gradient_accumulation_steps"] * world
-    try:
-        DeepSpeedConfig(checked)
-    except Exception as e:  # noqa: BLE001 (pydantic's ValidationError, ValueError, AssertionError...)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"{source}: DeepSpeed rejects this config ({'; '.join(lines[:3])[:300]}): fix or remove "
-                        "that key") from None
-
-
-def make_plan(model_args, data_args, train_args, ds_json: dict, device: Device, world_size: int,
-              model_config, tokenizer_id: str = "") -> Tuple[RunPlan, Optional[str]]:
+def make_plan(model_args, data_args, train_args, device: Device, world_size: int, model_config,
+              tokenizer_id: str = "") -> Tuple[RunPlan, Optional[str]]:
     """(the plan of this run before its data are known, the warning to print once when the device changed the
-    precision, or None). `tokenizer_id`: the tokenizer's fingerprint (data.spec.tokenizer_fingerprint)."""
+    precision, or None). The DeepSpeed dict comes from ds_config.deepspeed_config (its one writer); every field is
+    read from it. `tokenizer_id`: the tokenizer's fingerprint (data.spec.tokenizer_fingerprint)."""
     from ds_mlm.flops import peak_tflops
     from ds_mlm.model import padded_vocab_size
 
-    source = find_config(train_args.deepspeed_config)
-    precision, warning = choose(requested_precision(ds_json), device)
+    max_steps = train_args.max_steps if train_args.max_steps > 0 else None
+    ds, precision, warning = deepspeed_config(train_args, world_size, device, max_steps)
     shapes = {k: getattr(model_config, k) for k in MODEL_SHAPE}
     shapes["vocab_size"] = padded_vocab_size(model_config.vocab_size, model_args.pad_vocab_multiple)
-    global_batch = ds_json["train_batch_size"]
-    max_steps = train_args.max_steps if train_args.max_steps > 0 else None
-    opt = ds_json["optimizer"]
+    opt = ds["optimizer"]
     params = opt["params"]
-    sched = ds_json.get("scheduler")
+    sched = ds.get("scheduler")
     plan = RunPlan(
-        world_size=world_size, micro_batch=ds_json["train_micro_batch_size_per_gpu"],
-        grad_accumulation=ds_json["gradient_accumulation_steps"], global_batch=global_batch,
-        seq_length=data_args.max_seq_length, precision=precision, zero_stage=ds_json["zero_optimization"]["stage"],
+        world_size=world_size, micro_batch=ds["train_micro_batch_size_per_gpu"],
+        grad_accumulation=ds["gradient_accumulation_steps"],
+        seq_length=data_args.max_seq_length, precision=precision, zero_stage=ds["zero_optimization"]["stage"],
         optimizer=str(opt["type"]), learning_rate=float(params["lr"]),
         weight_decay=float(params.get("weight_decay", 0.0)),
         betas=tuple(float(b) for b in params.get("betas", (train_args.adam_beta1, train_args.adam_beta2))),
-        eps=float(params.get("eps", train_args.adam_epsilon)), max_grad_norm=float(ds_json["gradient_clipping"]),
+        eps=float(params.get("eps", train_args.adam_epsilon)), max_grad_norm=float(ds["gradient_clipping"]),
         schedule=f"deepspeed:{sched['type']}" if sched else train_args.lr_scheduler_type,
         warmup_steps=int(sched["params"].get("warmup_num_steps", 0)) if sched else train_args.warmup_steps,
-        max_steps=max_steps, steps_per_epoch=None, train_samples=None, seed=ds_json["seed"],
+        max_steps=max_steps, steps_per_epoch=None, train_samples=None, seed=ds["seed"],
         mlm_probability=data_args.mlm_probability, whole_word_mask=data_args.whole_word_mask,
         model=shapes, tokenizer=tokenizer_id,
         output_dir=train_args.output_dir, logging_dir=train_args.logging_dir, device=device.name,
         torch_compile=train_args.torch_compile,
         peak_tflops=train_args.peak_tflops or (peak_tflops(device.product, precision) if device.product else None),
-        ds_config=_deepspeed_dict(ds_json, precision, device, max_steps, source),
-        num_train_epochs=train_args.num_train_epochs, mixture=_mixture(data_args))
+        ds_config=ds, num_train_epochs=train_args.num_train_epochs, mixture=_mixture(data_args))
     return plan, warning
 
 
@@ -227,21 +180,30 @@ _FLAG = {"learning_rate": "--learning_rate", "weight_decay": "--weight_decay", "
          "tokenizer": "the tokenizer"}
 
 
-def compare(saved: dict, plan: RunPlan):
-    """(refusals, notes): one line per setting that differs from the checkpoint's plan (module docstring)."""
+def compare(saved: dict, plan: RunPlan, known_before: Optional[RunPlan] = None):
+    """(refusals, notes): one line per setting that differs from the checkpoint's plan (module docstring).
+    `known_before`: the plan compared already (before the data were known): only what became known since is compared,
+    so each setting is checked, and each note said, once."""
     now = plan.to_dict()
+    before = known_before.to_dict() if known_before is not None else {}
+
+    def differs(key):
+        return key in saved and now[key] is not None and before.get(key) is None and saved[key] != now[key]
+
     refusals, notes = [], []
     for key in REFUSE:
-        if key in saved and now[key] is not None and saved[key] != now[key]:
+        if differs(key):
             old, new = saved[key], now[key]
             if isinstance(old, dict):  # name only the shapes that differ
                 differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
                 old, new = {k: old.get(k) for k in differ}, {k: new.get(k) for k in differ}
             refusals.append(f"{_FLAG[key]}: {_show(key, old)} in the checkpoint, {_show(key, new)} now")
     for key in FOLLOW:
-        if key in saved and now[key] is not None and saved[key] != now[key]:
+        if differs(key):
             notes.append(f"{_FLAG[key]} changed from {_show(key, saved[key])} to {_show(key, now[key])}: the run "
                          "follows the new value")
+    if known_before is not None:  # the batch is known before the data: said the first time
+        return refusals, notes
     if saved.get("global_batch", plan.global_batch) != plan.global_batch:
         notes.append(f"the global batch changed from {saved['global_batch']} to {plan.global_batch} samples: "
                      "training goes on from the samples consumed, and steps now count batches of "

@@ -45,8 +45,7 @@ from ds_mlm.data.verify import check_shards
 from ds_mlm.errors import Terminated, UserError
 from ds_mlm.lock import DirLock
 
-log = logging.getLogger(__name__)
-log.setLevel(logging.INFO)  # who builds and who waits is news from every rank (run_mlm shows INFO from rank 0 only)
+log = logging.getLogger(__name__)  # who builds and who waits is news from every rank (output.setup_logging)
 POLL_SECONDS = 1.0
 VISIBLE_WITHIN = 60.0  # a manifest renamed into place on one NFS client can take a while to appear on the others
 SPLITS = (("train", "--train_dir", "train_dir"), ("validation", "--eval_dir", "eval_dir"))

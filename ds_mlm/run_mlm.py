@@ -18,19 +18,14 @@ if __package__ in (None, ""):  # run as a file (deepspeed ds_mlm/run_mlm.py): im
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 # Only what parsing needs at the top: `--help` and a bad flag answer without importing torch, transformers or
 # DeepSpeed (seconds); each step of the run imports what it uses when it gets there (bench/startup.py measures it).
 from ds_mlm.args import parse_args  # noqa: E402
 from ds_mlm.errors import cli  # noqa: E402
 
-log = logging.getLogger("ds_mlm")
-
-
-def setup_logging(rank: int) -> None:
-    # Rank 0 tells the story; the other ranks speak only of trouble.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s [ds_mlm] %(message)s", datefmt="%H:%M:%S", force=True)
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -59,9 +54,10 @@ def main(argv=None) -> int:
 
 def run(model_args, data_args, train_args) -> int:
     """The run of parsed arguments; its exit status."""
-    from ds_mlm import distributed, precision, preflight
-    from ds_mlm.ds_config import resolve_ds_config
+    from ds_mlm import distributed, preflight
+    from ds_mlm.export import check_destination, own_names
     from ds_mlm.model import count_parameters, resolve_config
+    from ds_mlm.output import setup_logging
     from ds_mlm.prepare import prepare_datasets
     from ds_mlm.tokenization import load_tokenizer
 
@@ -75,41 +71,61 @@ def run(model_args, data_args, train_args) -> int:
     # checkpoint of an earlier run.
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.tokenizer_type,
                                add_space_token=model_args.add_space_token, use_fast=model_args.use_fast_tokenizer)
-    config = resolve_config(model_args, tokenizer, data_args.max_seq_length)
     cache_dir = data_args.datasets_cache_dir or os.path.join(train_args.output_dir, "datasets_cache")
     if data_args.build_dataset_only:
+        resolve_config(model_args, tokenizer, data_args.max_seq_length)  # a bad model flag stops the build too
         prepare_datasets(data_args, tokenizer, dist, cache_dir)
         log.info("--build_dataset_only: token stores are ready in %s", cache_dir)
         return 0
 
-    from ds_mlm import resume
+    job = plan_run((model_args, data_args, train_args), tokenizer, dist)
+    check_destination(job.plan.output_dir, final_names=own_names(tokenizer))  # the final export will not be refused
+    with run_lock(dist, train_args.output_dir):
+        if dist.local_rank == 0:
+            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(
+                count_parameters(job.model_config), job.plan.precision != "fp32"), "--output_dir",
+                "one checkpoint and the final model")
+        job.checkpointer.choose(job.plan)  # a refusal comes before an hours-long dataset build
+        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir, job.tokenizer_id)
+        trainer = setup_training(job, tokenizer, train_ds, eval_ds)
+        return train(trainer, tokenizer, train_args.save_on_signal)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run before its data are known: what `plan_run` derives from the flags, the tokenizer and the world."""
+
+    args: tuple
+    """(model_args, data_args, train_args) as parse_args returned them."""
+    model_config: object
+    """The model's transformers config (model.resolve_config)."""
+    plan: object
+    """The run plan, without the step count (plan.make_plan)."""
+    checkpointer: object
+    """The checkpoint policy of --output_dir (checkpointer.Checkpointer)."""
+    dist: object
+    """The process group's DistInfo."""
+    tokenizer_id: str
+    """The tokenizer's fingerprint (data.spec.tokenizer_fingerprint: it serialises the tokenizer, so computed once)."""
+
+
+def plan_run(args, tokenizer, dist) -> Run:
+    """The model config, the plan (its warnings said once) and the checkpointer of a run."""
+    from ds_mlm import precision
     from ds_mlm.checkpointer import Checkpointer
     from ds_mlm.data.spec import tokenizer_fingerprint
-    from ds_mlm.export import check_destination, own_names
+    from ds_mlm.model import resolve_config
     from ds_mlm.plan import make_plan
 
-    device = precision.this_device()
-    ds_json = resolve_ds_config(train_args, dist.world_size, device.name)
-    tokenizer_id = tokenizer_fingerprint(tokenizer)  # the plan's and the datasets' (it serialises the tokenizer)
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, dist.world_size, config,
+    model_args, data_args, train_args = args
+    config = resolve_config(model_args, tokenizer, data_args.max_seq_length)
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    plan, warning = make_plan(model_args, data_args, train_args, precision.this_device(), dist.world_size, config,
                               tokenizer_id)
     if dist.is_main:
         for line in filter(None, [warning, _eval_warning(train_args, data_args)]):
             log.warning(line)
-    check_destination(plan.output_dir, final_names=own_names(tokenizer))  # the final export will not be refused
-    with run_lock(dist, train_args.output_dir):
-        if dist.local_rank == 0:
-            preflight.free_space(train_args.output_dir, preflight.checkpoint_bytes(
-                count_parameters(config), plan.precision != "fp32"), "--output_dir", "one checkpoint and the final model")
-        checkpointer = Checkpointer(plan.output_dir, dist, train_args.save_total_limit)
-        chosen = checkpointer.choose(train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
-        if chosen is not None:
-            resume.check(chosen, plan, dist, say=False)  # a refusal comes before an hours-long dataset build
-        train_ds, eval_ds = prepare_datasets(data_args, tokenizer, dist, cache_dir, tokenizer_id)
-        plan = plan.with_data(len(train_ds))
-        trainer = setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen,
-                                 train_ds, eval_ds, config)
-        return train(trainer, tokenizer, train_args.save_on_signal)
+    return Run(args, config, plan, Checkpointer.from_args(dist, train_args), dist, tokenizer_id)
 
 
 def _eval_warning(train_args, data_args):
@@ -119,36 +135,29 @@ def _eval_warning(train_args, data_args):
     return None
 
 
-def setup_training(plan, model_args, data_args, train_args, tokenizer, dist, checkpointer, chosen, train_ds, eval_ds,
-                   config=None):
-    """Check the resume against the whole plan, build the engine and the trainer, restore the checkpoint."""
+def setup_training(run: Run, tokenizer, train_ds, eval_ds):
+    """The plan with its data, the resume accepted (checkpointer), the engine and the trainer, the checkpoint restored."""
     from transformers import set_seed  # noqa: E402 (heavy imports only on the training path)
 
-    from ds_mlm import resume
+    from ds_mlm import atomic
     from ds_mlm.engine import build_engine
     from ds_mlm.model import build_model
     from ds_mlm.trainer import make_trainer
 
-    from ds_mlm import atomic
-
-    universal = chosen is not None and checkpointer.universal_needed(chosen, plan)
-    if chosen is not None:
-        resume.check(chosen, plan, dist)
-        if universal:
-            checkpointer.make_universal(chosen)
-    if dist.is_main:  # only once the resume is accepted: a refused one leaves the old run's record alone
+    model_args, data_args, train_args = run.args
+    plan = run.plan.with_data(len(train_ds))
+    run.checkpointer.accept(plan)
+    if run.dist.is_main:  # only once the resume is accepted: a refused one leaves the old run's record alone
         os.makedirs(plan.output_dir, exist_ok=True)
         atomic.write_text(os.path.join(plan.output_dir, "ds_config.json"),
                           json.dumps(plan.ds_config, indent=2, sort_keys=True) + "\n")
 
     set_seed(plan.seed)  # same initial weights on every rank and every run with this seed
-    model = build_model(model_args, tokenizer, data_args.max_seq_length, config)
-    engine = build_engine(plan, model, load_universal=universal)
+    model = build_model(model_args, tokenizer, data_args.max_seq_length, run.model_config)
+    engine = build_engine(plan, model)
     eval_sets = eval_ds if isinstance(eval_ds, dict) or eval_ds is None else {"eval": eval_ds}
-    trainer = make_trainer(plan, engine, tokenizer, train_ds, eval_sets, dist, checkpointer, train_args,
-                           fresh_over_old=train_args.overwrite_output_dir and chosen is None)
-    if chosen is not None:
-        resume.restore(trainer, checkpointer, chosen, plan, dist, universal)
+    trainer = make_trainer(plan, engine, tokenizer, train_ds, eval_sets, run.dist, run.checkpointer, train_args)
+    run.checkpointer.restore(trainer)
     announce(plan, train_ds)
     return trainer
 

@@ -19,6 +19,7 @@ import dataclasses
 import io
 import itertools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from ds_mlm.data.spec import list_text_files
 from ds_mlm.data.text import LineReader, ReadStats
 from ds_mlm.data.workers import OrderedPool
 from ds_mlm.errors import UserError, cli
+from ds_mlm.output import setup_logging
 from ds_mlm.tokenization import (SPACE_TOKEN, SPECIAL_TOKENS, TOKENIZER_TYPES, ThaiRobertaTokenizer,
                                   load_tokenizer)
 from ds_mlm.tokenization.words import RESERVED_TOKENS, pre_tokenize
@@ -42,6 +44,7 @@ from ds_mlm.tokenization.words import RESERVED_TOKENS, pre_tokenize
 TYPES = ("spm", "newmm", "syllable", "sefr_cut", "bpe")
 WORD_TYPES = ("newmm", "syllable", "sefr_cut")
 SPM_MODEL_TYPES = ("unigram", "bpe")
+log = logging.getLogger(__name__)
 BLOCK_BYTES = 1 << 18  # text read at once, and one word-counting task: ~0.2 s of newmm, far above the IPC cost
 
 
@@ -93,9 +96,9 @@ def read_blocks(files: list[str]) -> Iterator[list[str]]:
             except OSError as e:
                 raise UserError(f"{path}: cannot read it ({e.strerror}): check the file and its permissions") from None
             stats += reader.stats
-    print(f"read {stats.lines} lines of {stats.files} file(s): dropped {stats.blank_lines} blank lines, removed "
-          f"{stats.boms} byte-order marks, replaced {stats.replaced} invalid UTF-8 sequences, cut "
-          f"{stats.long_lines} over-long lines", file=sys.stderr)
+    log.info("read %d lines of %d file(s): dropped %d blank lines, removed %d byte-order marks, replaced %d invalid "
+             "UTF-8 sequences, cut %d over-long lines", stats.lines, stats.files, stats.blank_lines, stats.boms,
+             stats.replaced, stats.long_lines)
 
 
 def read_lines(files: list[str]) -> Iterator[str]:
@@ -192,8 +195,8 @@ TRAINERS = {"spm": train_spm, "bpe": train_bpe, **{kind: train_words for kind in
 def train(args: TrainTokenizerArguments) -> str:
     """Train the tokenizer `args` describes and write it to args.output_dir; return that directory."""
     os.makedirs(args.output_dir, exist_ok=True)
-    print(f"training a {args.type} tokenizer of {args.vocab_size} ids on {len(args.files)} file(s) of "
-          f"{args.input_dir} with {args.num_workers} worker(s)", file=sys.stderr)
+    log.info("training a %s tokenizer of %d ids on %d file(s) of %s with %d worker(s)", args.type, args.vocab_size,
+             len(args.files), args.input_dir, args.num_workers)
     TRAINERS[args.type](args)
     return args.output_dir
 
@@ -210,9 +213,10 @@ def parse_args(argv=None) -> TrainTokenizerArguments:
 
 
 def main(argv=None) -> int:
+    setup_logging(stream=sys.stderr)  # stdout stays free for what a script may read
     output_dir = train(parse_args(argv))
     tokenizer = load_tokenizer(output_dir, "auto")  # what the user will do next: it must work
-    print(f"wrote {type(tokenizer).__name__} with {len(tokenizer)} ids to {output_dir}", file=sys.stderr)
+    print(f"wrote {type(tokenizer).__name__} with {len(tokenizer)} ids to {output_dir}", file=sys.stderr)  # the result
     return 0
 
 

@@ -1,9 +1,12 @@
 """The training loop around a DeepSpeed engine: steps, logging, evaluation, checkpoints, stopping on a signal.
 
     trainer = Trainer(plan, engine, loader, eval_sets, eval_collator, dist, checkpointer, options)
-    trainer.load_state_dict(state)      # a checkpoint's trainer state (after checkpointer.load restored the engine)
+    trainer.on_log.append(fn)           # fn(trainer, record) after each record the loop writes (tests, tools)
     outcome = trainer.train(stop)       # "done", or "preempted" after a signal's checkpoint
     trainer.evaluate()                  # {"eval_loss", "perplexity"[, per --eval_dir ones]}, every rank
+
+When to save and what to resume is the checkpointer's policy (checkpointer.py): the loop asks it after every step
+and when a signal stops it; `checkpointer.restore(trainer)` puts a checkpoint's state back (`load_state_dict`).
 
 One optimizer step = the plan's accumulation of micro-batches per rank (the step's global batch: sampler.py).
 The loss of a step is the cross-entropy summed over its masked tokens on every rank, divided by their number (one
@@ -12,8 +15,8 @@ of the global batch into processes, micro-batches and accumulation steps, so a r
 processes follows the same trajectory up to reduction order (HF's loss-per-micro-batch mean would not). DeepSpeed
 divides by the accumulation steps and averages over ranks, so each micro-batch's sum is scaled by W x A / N.
 
-`Trainer.__init__` does no file I/O and no collective; the state is `state_dict()` (step, sampler position, log
-position, logging window, samples by source: one dict, the same on every rank) and `load_state_dict()`.
+`Trainer.__init__` does no file I/O and no collective; the state is `state_dict()` (step, the loader's sampler
+position, log position, logging window, samples by source: one dict, the same on every rank) and `load_state_dict()`.
 """
 
 import logging
@@ -36,15 +39,16 @@ COMPILE_WIDTH_MULTIPLE = 64  # --torch_compile pads batch widths to this: a few 
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """When the loop logs, evaluates and saves (the flags of the same names)."""
+    """When the loop logs and evaluates (the flags of the same names; when it saves is the checkpointer's)."""
 
     logging_steps: int
+    """Log every N steps (and the last step)."""
     eval_every: Optional[int]
     """Evaluate every N steps (--evaluation_strategy steps/epoch), or never (None)."""
-    save_steps: int
     eval_batch_size: int
+    """Eval samples per forward per process."""
     overwrite_output_dir: bool = False
-    """A fresh run over an old --output_dir: its checkpoints and log go once the first step is taken."""
+    """A fresh run over an old --output_dir: its log is cut back once the first step is taken."""
 
 
 def _float_or_none(value):
@@ -61,28 +65,25 @@ class Trainer:
         self.eval_collator, self.checkpointer, self.options = eval_collator, checkpointer, options
         self.source_names, self.write_extras = list(source_names), write_extras
         self.global_step = 0
-        self.position = loader.state_dict()  # the sampler position after the last step trained
         self.samples_by_source = [0] * len(self.source_names)
         self.window = Window(engine.device)
         self.log_position = 0 if options.overwrite_output_dir else None  # train_log.jsonl length to cut back to
         self.resumed = False
         self.writer = None
+        self.on_log = []  # fn(trainer, record) after each record written: a public hook, nothing patched
         self._last_eval = None  # (step, metrics) of the loop's latest evaluation
-        self._saved_step = None
 
     # -- state ----------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The trainer's state, the same dict on every rank (the window's sums are reduced: a collective)."""
-        return {"global_step": self.global_step, "sampler": dict(self.position),
-                "consumed_samples": self.position["consumed_samples"], "window": self.window.state_dict(),
+        return {"global_step": self.global_step, "sampler": self.loader.state_dict(), "window": self.window.state_dict(),
                 "log_position": self.writer.position() if self.writer else 0,
                 "samples_by_source": dict(zip(self.source_names, self.samples_by_source))}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state["global_step"]
         self.loader.load_state_dict(state["sampler"])
-        self.position = self.loader.state_dict()
         self.window.load_state_dict(state["window"], holder=self.dist.is_main)
         self.log_position = state["log_position"]
         saved = state.get("samples_by_source", {})
@@ -122,11 +123,11 @@ class Trainer:
         engine.train()
         measure_norm = plan.zero_stage == 0 and plan.precision == "fp32"  # DeepSpeed clips there but reports nothing
         scale_by = plan.world_size * plan.grad_accumulation
-        first_step_of_run = self.global_step
         while self.global_step < plan.max_steps:
             step = self.loader.next()
             total_masked, stopping = self._agree(step.masked, stop)
             if stopping:
+                self.loader.put_back()  # taken, not trained: the checkpoint's position is before it
                 return self._stop_for_signal(stop)
             number = self.global_step + 1
             logging_step = number % opts.logging_steps == 0 or number == plan.max_steps
@@ -143,27 +144,23 @@ class Trainer:
             self.window.add_step(step.masked, step.tokens, step.samples, self.loader.wait_seconds, flops,
                                  sum(rows * width for rows, width, _ in step.shapes))
             self.loader.wait_seconds = 0.0
-            self.global_step, self.position = engine.global_steps, step.position
+            self.global_step = engine.global_steps
             if step.source_counts is not None:
                 self.samples_by_source = [a + int(b) for a, b in zip(self.samples_by_source, step.source_counts)]
             elif self.source_names:
                 self.samples_by_source[0] += plan.global_batch
             bar.update(1)
-            if opts.overwrite_output_dir and self.global_step == first_step_of_run + 1:
-                self.checkpointer.clear_previous_run()  # only now: a run that never started leaves the old one whole
             if logging_step:
                 self._log_step(lr, norm if measure_norm else _float_or_none(engine.get_global_grad_norm()))
             paused = time.perf_counter()
             if opts.eval_every and self.global_step % opts.eval_every == 0:
                 self._evaluate_and_log()
-            if self.global_step % opts.save_steps == 0 or self.global_step == plan.max_steps:
-                self.save()  # the last step is always saved: a rerun finds the training done
+            self.checkpointer.after_step(self)  # saves when its policy says (interval, last step)
             self.window.started += time.perf_counter() - paused  # throughput counts training time only
         return "done"
 
     def _stop_for_signal(self, stop) -> str:
-        if self._saved_step != self.global_step and self.global_step > 0:
-            self.save()
+        self.checkpointer.on_stop(self)
         log.info("stopped by %s at step %d%s: run the same command again to resume", stop.requested,
                  self.global_step, f", saved in checkpoint-{self.global_step}" if self.global_step else "")
         return "preempted"
@@ -173,12 +170,6 @@ class Trainer:
         if not grads:
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-    def save(self) -> None:
-        state = {**self.state_dict(), "plan": self.plan.to_dict()}
-        path = self.checkpointer.save(self.engine, self.global_step, state, self.write_extras)
-        self._saved_step = self.global_step
-        log.info("saved %s", path)
 
     def _log_step(self, lr: float, grad_norm) -> None:
         summary = self.window.summary(self.dist.world_size)  # a collective: every rank logs the same numbers
@@ -203,6 +194,8 @@ class Trainer:
         self.writer.write(record)
         if self.dist.is_main:
             tqdm.write(format_record(record), file=sys.stdout)
+        for hook in self.on_log:
+            hook(self, record)
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()
@@ -253,8 +246,7 @@ class Trainer:
         return out
 
 
-def make_trainer(plan, engine, tokenizer, train_dataset, eval_sets, dist, checkpointer, train_args,
-                 fresh_over_old: bool = False) -> Trainer:
+def make_trainer(plan, engine, tokenizer, train_dataset, eval_sets, dist, checkpointer, train_args) -> Trainer:
     """The trainer of a run: its sampler, loader and collators from the plan, its loop options from the flags."""
     from ds_mlm.collator import MLMCollator
     from ds_mlm.loader import StepLoader
@@ -267,8 +259,9 @@ def make_trainer(plan, engine, tokenizer, train_dataset, eval_sets, dist, checkp
     loader = StepLoader(sampler, train_dataset, MLMCollator.from_tokenizer(tokenizer, seed=plan.seed, **masking),
                         engine.device)
     every = {"steps": train_args.eval_steps, "epoch": plan.steps_per_epoch}.get(train_args.evaluation_strategy)
-    options = LoopOptions(logging_steps=train_args.logging_steps, eval_every=every, save_steps=train_args.save_steps,
-                          eval_batch_size=train_args.per_device_eval_batch_size, overwrite_output_dir=fresh_over_old)
+    options = LoopOptions(logging_steps=train_args.logging_steps, eval_every=every,
+                          eval_batch_size=train_args.per_device_eval_batch_size,
+                          overwrite_output_dir=checkpointer.fresh_over_old)
 
     def write_extras(path):  # so a checkpoint exports with nothing else (python -m ds_mlm.export)
         engine.module.config.save_pretrained(path)

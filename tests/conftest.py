@@ -182,12 +182,14 @@ CRASH_AFTER_STEP = """
 import os, runpy, sys
 sys.path.insert(0, {repo!r})
 from ds_mlm.trainer import Trainer
-logged = Trainer._log_step
-def crash(self, *args, **kwargs):
-    logged(self, *args, **kwargs)
-    if self.global_step == {stop}:
+def crash(trainer, record):
+    if trainer.global_step == {stop} and "loss" in record:  # a training step's record
         os._exit(3)  # a hard crash after a logged step: no cleanup, no save
-Trainer._log_step = crash
+init = Trainer.__init__
+def init_with_crash(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.on_log.append(crash)  # the Trainer's public hook, after each record it writes
+Trainer.__init__ = init_with_crash
 sys.argv = [{script!r}, *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -254,32 +256,15 @@ def data(bpe_tokenizer_dir):
 
 
 def make_trainer(tmp_path, data, world, *flags, eval_set=True):
-    """A trainer assembled as run_mlm.main assembles it (minus the lock and the dataset build)."""
-    import logging
-
+    """A trainer assembled by run_mlm's own plan_run and setup_training (minus the lock and the dataset build)."""
     from ds_mlm.args import parse_args
-    from ds_mlm.checkpointer import Checkpointer
-    from ds_mlm.ds_config import resolve_ds_config
-    from ds_mlm.model import resolve_config
-    from ds_mlm.plan import make_plan
-    from ds_mlm.precision import this_device
-    from ds_mlm.run_mlm import setup_training
+    from ds_mlm.run_mlm import plan_run, setup_training
 
     tokenizer, train_set, evaluation = data
-    model_args, data_args, args = parse_args(
-        ["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture", "roberta-tiny",
-         "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
-    device = this_device()
-    ds_json = resolve_ds_config(args, world.world_size, device.name)
-    config = resolve_config(model_args, tokenizer, SEQ)
-    plan, warning = make_plan(model_args, data_args, args, ds_json, device, world.world_size, config, "tokenizer")
-    if warning:
-        logging.getLogger("ds_mlm").warning(warning)
-    plan = plan.with_data(len(train_set))
-    checkpointer = Checkpointer(plan.output_dir, world, args.save_total_limit)
-    chosen = checkpointer.choose(args.resume_from_checkpoint, args.overwrite_output_dir)
-    return setup_training(plan, model_args, data_args, args, tokenizer, world, checkpointer, chosen, train_set,
-                          {"eval": evaluation} if eval_set else None, config)
+    args = parse_args(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--architecture",
+                       "roberta-tiny", "--max_seq_length", str(SEQ), "--save_steps", "1000", *flags])
+    return setup_training(plan_run(args, tokenizer, world), tokenizer, train_set,
+                          {"eval": evaluation} if eval_set else None)
 
 
 def train(trainer):

@@ -35,7 +35,7 @@ class FakeEngine:
 
 
 def save(out, step, state=None, limit=None, engine=None):
-    return Checkpointer(str(out), ONE, limit).save(engine or FakeEngine(), step, state or {"global_step": step})
+    return Checkpointer(str(out), ONE, limit).write(engine or FakeEngine(), step, state or {"global_step": step})
 
 
 def names(out):
@@ -43,7 +43,7 @@ def names(out):
 
 
 def chosen_step(out, resume_from=None, overwrite=False):
-    chosen = Checkpointer(str(out), ONE).choose(resume_from, overwrite)
+    chosen = Checkpointer(str(out), ONE, resume_from=resume_from, overwrite=overwrite).choose()
     return None if chosen is None else ck.step_of(chosen["path"])
 
 

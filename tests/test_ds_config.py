@@ -111,12 +111,21 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
     ({"zero_optimization": {"stage": 4}}, "unknown ZeRO stage 4: zero_optimization.stage must be 0, 1, 2 or 3"),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "enables both fp16 and bf16"),
     ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu is 0: it must be a positive integer"),
-    ({"fp16": {"enabled": "auto", "loss_scale": "auto"}}, "fp16.loss_scale is \"auto\" but no ds-mlm flag sets it"),
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_configs_are_user_errors(tmp_path, config, match):
     with pytest.raises(UserError, match=match):
         resolve_ds_config(targs(tmp_path, "--deepspeed_config", write_json(tmp_path, config)), 1)
+
+
+def test_a_value_left_auto_is_refused_once_the_dict_is_whole(tmp_path):
+    from ds_mlm.ds_config import deepspeed_config
+    from ds_mlm.precision import Device
+
+    args = targs(tmp_path, "--deepspeed_config", write_json(tmp_path, {"fp16": {"enabled": "auto", "loss_scale": "auto"}}))
+    assert resolve_ds_config(args, 1)["fp16"]["loss_scale"] == "auto"  # the rule alone leaves it
+    with pytest.raises(UserError, match="fp16.loss_scale is \"auto\" but no ds-mlm flag sets it"):
+        deepspeed_config(args, 1, Device("cpu", fp16=False, bf16_native=True))
 
 
 def test_missing_config_lists_the_shipped_ones(tmp_path):

@@ -7,7 +7,6 @@ import pytest
 from transformers import RobertaConfig
 
 from ds_mlm.args import parse_args
-from ds_mlm.ds_config import resolve_ds_config
 from ds_mlm.errors import UserError
 from ds_mlm.plan import compare, make_plan
 from ds_mlm.precision import Device
@@ -21,8 +20,7 @@ CONFIG = RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num
 def plan_of(tmp_path, *flags, world=1, samples=1000, device=CPU, config=CONFIG, tokenizer="tok-a"):
     model_args, data_args, train_args = parse_args(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
                                                     "--max_seq_length", "64", *flags])
-    ds_json = resolve_ds_config(train_args, world, device.name)
-    plan, warning = make_plan(model_args, data_args, train_args, ds_json, device, world, config, tokenizer)
+    plan, warning = make_plan(model_args, data_args, train_args, device, world, config, tokenizer)
     return (plan if samples is None else plan.with_data(samples)), warning
 
 

@@ -30,7 +30,7 @@ import ds_mlm.data.build as build
 import ds_mlm.prepare as prepare
 from ds_mlm.trainer import Trainer
 
-real_build_shards, real_tokenize, real_log = prepare.build_shards, build._tokenize, Trainer._log_step
+real_build_shards, real_tokenize, real_init = prepare.build_shards, build._tokenize, Trainer.__init__
 
 
 def recorded(plan, dataset, shards, *args, **kwargs):
@@ -47,13 +47,17 @@ def slow_tokenize(*args):
     return real_tokenize(*args)
 
 
-def killing(self, *args, **kwargs):
-    real_log(self, *args, **kwargs)
-    if str(self.global_step) == os.environ.get("KILL_AFTER_STEP") and self.dist.rank == 0:
+def killing(trainer, record):  # the Trainer's public hook, after each record it writes
+    if str(trainer.global_step) == os.environ.get("KILL_AFTER_STEP") and trainer.dist.rank == 0 and "loss" in record:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-prepare.build_shards, build._tokenize, Trainer._log_step = recorded, slow_tokenize, killing
+def init_with_killing(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    self.on_log.append(killing)
+
+
+prepare.build_shards, build._tokenize, Trainer.__init__ = recorded, slow_tokenize, init_with_killing
 from ds_mlm.run_mlm import cli_main
 cli_main()
 '''
@@ -182,14 +186,14 @@ def test_a_second_job_on_the_same_cache_waits_then_reuses(tmp_path, bpe_tokenize
     said = []
     for line in second.stdout:  # the second job starts, finds the cache locked, and says it waits
         said.append(line)
-        if "ds-mlm: waiting for" in line:
+        if "waiting for" in line and ": in use by" in line:
             break
     (tmp_path / "go").touch()
     out_second = "".join(said) + second.communicate(timeout=120)[0]
     out_first, _ = first.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, out_first + out_second
     assert len(recorded(tmp_path / "first.txt")) == 2 and recorded(tmp_path / "second.txt") == []
-    assert f"ds-mlm: waiting for {cache}: in use by dataset build on " in out_second
+    assert f"waiting for {cache}: in use by dataset build on " in out_second
     assert "train: reusing the token dataset" in out_second and "train: built" in out_first
 
 

@@ -19,7 +19,7 @@ import time
 
 from ds_mlm.errors import UserError
 
-log = logging.getLogger("ds_mlm.prepare")
+log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # the longest pause between two looks at the store; the first looks come sooner (_pauses)
 SAY_WAITING_EVERY = 300.0
 BEAT_SECONDS = 5.0

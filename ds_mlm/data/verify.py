@@ -31,6 +31,7 @@ from ds_mlm import atomic
 from ds_mlm.data.manifest import MANIFEST, STAMPS, ShardedStore, read_manifest, shard_path
 from ds_mlm.data.store import DATA, INDEX, StaleCacheError, TokenStore
 from ds_mlm.errors import UserError, cli
+from ds_mlm.output import setup_logging
 
 POLICIES = ("once", "always", "never")
 
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ds_mlm.data.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="--datasets_cache_dir directories, or datasets (train/...) in them")
     args = parser.parse_args(argv)
+    setup_logging()
     datasets = _datasets(args.paths)
     if not datasets:
         raise UserError(f"no token dataset (a directory with {MANIFEST}) in {' '.join(args.paths)}: give the "
