@@ -315,6 +315,7 @@ class FakeLoader:
     def __init__(self, acc):
         self.acc, self.wait_seconds, self.consumed, self.before = acc, 0.0, 0, 0
         self.closed = False
+        self.dataset = []  # counts no ids: the first record's train_fill is None (metrics.train_fill)
 
     def next(self):
         self.before, self.consumed = self.consumed, self.consumed + 2 * self.acc
@@ -350,7 +351,7 @@ class Stop:
 
 
 def fast_trainer(tmp_path, max_steps, save_steps, acc=2):
-    plan = types.SimpleNamespace(max_steps=max_steps, zero_stage=2, precision="fp32", world_size=1,
+    plan = types.SimpleNamespace(max_steps=max_steps, seq_length=3, zero_stage=2, precision="fp32", world_size=1,
                                  grad_accumulation=acc, global_batch=2 * acc, output_dir=str(tmp_path),
                                  logging_dir=str(tmp_path / "tb"), peak_tflops=None, to_dict=dict)
     engine, loader = FakeEngine(acc), FakeLoader(acc)
