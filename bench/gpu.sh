@@ -6,7 +6,7 @@
 #                               MFU, peak GPU memory, data-wait share, step time and wall time (read from each run's
 #                               train_log.jsonl); then an exact-resume check, an export that loads, and torch's fused
 #                               AdamW against DeepSpeed's FusedAdam (start-up and step time). Planned for < 8 minutes.
-#   bash bench/gpu.sh --smoke   the same code paths on CPU with roberta-tiny (CI runs it: tests/test_gpu_smoke.py)
+#   bash bench/gpu.sh --smoke   the same code paths on CPU with roberta-tiny (CI runs it: tests/integration/test_gpu_smoke.py)
 #
 # Every run uses the optimizer proposed as the CUDA default: "torch_adam": true, "fused": true (torch.optim.AdamW
 # with its fused kernel, nothing to JIT-build). Knobs (environment): GPU_BENCH_DIR (work directory, default a new
@@ -39,7 +39,7 @@ if [ "$smoke" = 1 ]; then  # CPU, roberta-tiny: every code path below, in a frac
   export DS_ACCELERATOR=cpu
   architecture=roberta-tiny vocab=2000 seqs=${GPU_BENCH_SEQS:-64} steps=${GPU_BENCH_STEPS:-6} tokens=512
   combos=("2:off")  # stage:compile: one pass of the loop, its run reused by the checks below (compile on CPU:
-                     # tests/test_throughput.py; GPU_BENCH_STAGES / GPU_BENCH_COMPILE widen it)
+                     # tests/integration/test_throughput.py; GPU_BENCH_STAGES / GPU_BENCH_COMPILE widen it)
   peak=${GPU_BENCH_PEAK_TFLOPS:-0.5}  # CPU: mfu is logged only against a given peak; this one exercises the column
   fused_adam=${GPU_SMOKE_FUSEDADAM:-0}  # DeepSpeed's FusedAdam JIT-builds for ~50 s on CPU: off in the smoke
 else

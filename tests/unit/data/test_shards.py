@@ -27,7 +27,7 @@ from ds_mlm.data.store import DATA, HEADER_BYTES, INDEX, StoreWriter
 from ds_mlm.data.verify import main as verify_main
 
 from conftest import REPO, SAMPLE
-from test_data_build import ByteTokenizer, leftovers, store_bytes
+from unit.data.test_build import ByteTokenizer, leftovers, store_bytes
 
 
 def write_corpus(root, n_files=5, lines=120):

@@ -1,5 +1,5 @@
 """ds_mlm/hosts.py's parts that need no host: the launcher's flags, the interface variables as the ranks get them, and
-the per-host check script run here with sh (the real hosts: tests/test_cluster_preflight.py)."""
+the per-host check script run here with sh (the real hosts: tests/integration/cluster/test_preflight.py)."""
 
 import subprocess
 import sys

@@ -9,7 +9,7 @@ launcher-slurm run is the reference for the others:
   the script requeues the job; it resumes and ends with the reference's losses, step for step, exactly.
 - `scontrol requeuehold` mid-run (a preemption: SIGTERM to every process of the job), the held job moved to one node,
   released: it resumes on 1 rank (gradient accumulation 2, so the same global batch; the ZeRO-2 checkpoint of 2 ranks
-  converted to a universal one) and follows the reference up to reduction order (rtol 1e-3, as tests/test_elastic.py).
+  converted to a universal one) and follows the reference up to reduction order (rtol 1e-3, as tests/integration/test_elastic.py).
 After every job no process of it is left on any host. The three jobs run side by side (each node offers 2 CPUs), so
 the module costs about the time of the slowest: two starts and a conversion (~2 minutes on a quiet machine).
 """

@@ -1,5 +1,5 @@
 """launch.sh and hostfiles/: the checks, the dataset-only build, two "nodes" on one machine (one launch.sh per node),
-torchrun, and the demo path with tiny values. From the master over real ssh and pdsh: tests/test_cluster_pdsh.py."""
+torchrun, and the demo path with tiny values. From the master over real ssh and pdsh: tests/integration/cluster/test_pdsh.py."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 from deepspeed.launcher.runner import fetch_hostfile
 
 from conftest import DIST_ENV, REPO, free_port, run
-from test_distributed_launchers import finish, no_shm_leak, start
+from integration.test_distributed_launchers import finish, no_shm_leak, start
 
 LAUNCH = REPO / "launch.sh"
 SHIPPED_HOSTFILES = sorted((REPO / "hostfiles").iterdir())

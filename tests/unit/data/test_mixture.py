@@ -9,7 +9,7 @@ from ds_mlm.data.mixture import Mixture
 from ds_mlm.errors import UserError
 from ds_mlm.sampler import GlobalBatchSampler
 
-from test_data_build import ByteTokenizer
+from unit.data.test_build import ByteTokenizer
 
 
 class Numbers:

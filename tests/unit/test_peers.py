@@ -16,7 +16,7 @@ from ds_mlm.errors import PeerLost
 from ds_mlm.peers import Peers
 
 from conftest import REPO, free_port
-from test_distributed_launchers import PYTHON, TINY, finish, start
+from integration.test_distributed_launchers import PYTHON, TINY, finish, start
 
 SPY = '''import os, signal, sys
 sys.path.insert(0, {repo!r})

@@ -108,6 +108,9 @@ def test_writer_jsonl_tensorboard_and_resume_cut(tmp_path):
         "train/tflops", "train/mfu", "train/peak_memory_gib", "train/data_wait"}
 
     # a resume from the checkpoint taken after step 1: the later records are redone, so they are cut off
+    second = int(time.time())  # event files sort by name: the time in whole seconds, then a per-process counter
+    while int(time.time()) == second:  # compared as text ("10" < "9"), so the resumed writer starts a new second
+        time.sleep(0.05)
     w = MetricsWriter(str(out), str(runs), rank=0, truncate_at=cut, purge_from=2)
     w.write({"step": 2, "loss": 6.4, "lr": 2e-4, "grad_norm": 1.0, "tokens_per_s": 9.0, "samples_per_s": 1.0})
     w.close()

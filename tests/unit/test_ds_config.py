@@ -1,5 +1,5 @@
 """The DeepSpeed config resolution: shipped configs, the flag/JSON precedence rule, and one-line errors (the
-device's say on precision is tests/test_precision.py; the final DeepSpeed dict is tests/test_plan.py)."""
+device's say on precision is tests/unit/test_precision.py; the final DeepSpeed dict is tests/unit/test_plan.py)."""
 
 import json
 import logging

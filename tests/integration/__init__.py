@@ -1,0 +1,1 @@
+"""Integration tests: real launchers, several processes, injected faults (marked slow)."""

@@ -1,0 +1,1 @@
+"""Unit tests of ds_mlm.data, one file per module."""
