@@ -204,6 +204,7 @@ def test_the_real_command_prints_one_line_and_exits_2(tmp_path, earlier_run, sma
     assert tree_digest(earlier_run) == before
 
 
+@pytest.mark.slow  # a fresh interpreter or a whole run: seconds
 def test_ext_with_or_without_the_dot(tmp_path, small_corpus, bpe_tokenizer_dir):
     """The ancestor's default `.txt` made the pattern `*..txt`; both spellings read the same files."""
     from ds_mlm.data import open_store

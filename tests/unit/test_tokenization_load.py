@@ -129,6 +129,7 @@ for path in sys.argv[5:]:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter or a whole run: seconds
 def test_a_saved_directory_loads_without_ds_mlm_and_without_network(tmp_path):
     """trust_remote_code loading from the module files saved beside the vocabulary; PyThaiNLP's dictionaries come
     from its package, nothing is fetched."""

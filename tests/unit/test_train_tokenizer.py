@@ -77,6 +77,7 @@ def test_word_counts_are_the_same_in_worker_processes(corpus, tmp_path):
     assert len({(tmp_path / d / "syllable.json").read_text(encoding="utf-8") for d in dirs}) == 1
 
 
+@pytest.mark.slow  # a fresh interpreter or a whole run: seconds
 def test_word_counting_workers_end_when_the_parent_ignores_sigterm(corpus, tmp_path):
     """A process that has decided to stop ignores SIGTERM (errors.ignore_stop_signals), and forked workers inherit
     that: a multiprocessing.Pool's terminate() then waited forever on them (seen as a hung suite)."""
