@@ -6,7 +6,8 @@
     train.describe(planned_samples)   files, tokens, samples, weight and epochs per source, for the run's log
 
 The layout is Megatron's blend made a pure function of the index. N = the sum of the sources' sizes; source k gets
-n_k = round(N * w_k / sum(w)) slots (at least 1), laid out source after source: slots [S_k, S_k + n_k). Slot j of
+n_k ~ N * w_k / sum(w) slots (at least 1; the largest remainders take the leftover slots, so the n_k sum to N
+whatever the weights: a resume with other weights keeps the training set's size), laid out source after source: slots [S_k, S_k + n_k). Slot j of
 source k is its sample perm_{k,r}(j mod size_k) with r = j // size_k, where perm_{k,r} is a keyed permutation of
 the source (a Feistel network with cycle walking over splitmix64, keyed by (seed, k, r)): random access in O(1),
 no table. A source whose share is larger than its size is repeated (every sample r or r + 1 times), a smaller
@@ -54,6 +55,16 @@ def _permuted(slots, size, half_bits, source_key, out):
         out[i] = np.int64(x)
 
 
+def apportion(total: int, weights: Sequence[float]) -> List[int]:
+    """`total` slots shared in proportion to `weights`, each at least 1, by largest remainder: they sum to `total`."""
+    raw = [w * total / sum(weights) for w in weights]
+    slots = [max(1, math.floor(r)) for r in raw]
+    furthest_below = sorted(range(len(raw)), key=lambda k: (slots[k] - raw[k], k))
+    for k in furthest_below[:max(0, total - sum(slots))]:
+        slots[k] += 1
+    return slots
+
+
 class Mixture(torch.utils.data.Dataset):
     """See the module docstring. `sources`: datasets with `len` and `__getitems__`; `names`: as given on the command
     line; `weights`: None (shares follow the sizes) or one positive number per source (need not sum to 1)."""
@@ -78,8 +89,7 @@ class Mixture(torch.utils.data.Dataset):
             if not all(math.isfinite(w) and w > 0 for w in self.weights):
                 raise UserError(f"--train_weights {' '.join(map(str, self.weights))}: every weight must be a "
                                 "positive number (leave a source out rather than give it 0)")
-            scale = total / sum(self.weights)
-            self.slots = [max(1, round(w * scale)) for w in self.weights]
+            self.slots = apportion(total, self.weights)
         self.seed = int(seed)
         self._starts = np.concatenate([[0], np.cumsum(self.slots)]).astype(np.int64)
         base = np.uint64(mix64(np.uint64(self.seed & U64) ^ GOLDEN))  # mix64 hands back a Python int

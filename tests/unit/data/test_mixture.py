@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ds_mlm.data import DatasetSpec, ShardedStore, ensure_store, list_input_files
-from ds_mlm.data.mixture import Mixture
+from ds_mlm.data.mixture import Mixture, apportion
 from ds_mlm.errors import UserError
 from ds_mlm.sampler import GlobalBatchSampler
 
@@ -37,6 +37,15 @@ def global_batches(mixture, world, micro, steps, seed=7, state=None):
         indices = [i for s in samplers for mb in s.next_step()[1] for i in mb]
         out.append(sorted(tuple(x.tolist()) for x in mixture.__getitems__(indices)))
     return out, samplers[0].state_dict()
+
+
+def test_shares_sum_to_the_sources_size_whatever_the_weights():
+    for weights in ((3, 1), (1, 1, 1), (0.6, 0.3, 0.1), (1e-9, 1, 1), (2, 7, 11, 13)):
+        for total in (len(weights), 544, 545, 6500, 10**6 + 7):  # every source has a sample at least
+            slots = apportion(total, weights)
+            exact = [w * total / sum(weights) for w in weights]
+            assert sum(slots) == total and min(slots) >= 1  # a resume with other weights keeps len(mixture)
+            assert all(abs(n - e) < 1 or (n == 1 and e < 1) for n, e in zip(slots, exact))
 
 
 def test_realized_shares_match_the_weights_within_sampling_error():
