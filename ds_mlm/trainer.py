@@ -181,7 +181,9 @@ class Trainer:
         if self.engine.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
         record["data_wait"], record["padding"] = summary["data_wait"], summary["padding"]
-        if self.writer.file is None:  # the run's first record: what packing achieved on the training set
+        # what packing achieved on the training set, in the run's first record only (a resumed run's log has it, so
+        # a resumed log equals an uninterrupted one)
+        if self.writer.file is None and self.global_step <= self.options.logging_steps:
             record["train_fill"] = train_fill(self.loader.dataset, self.plan.seq_length)
         if self.plan.precision == "fp16":
             opt = self.engine.optimizer
