@@ -29,7 +29,9 @@ def test_throughput_record_and_mfu_with_peak_tflops(tmp_path, data, world_of_one
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
         assert r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.25, rel=1e-12)
-        assert 0 <= r["data_wait"] < 0.5 and "peak_memory_gib" not in r  # CPU: no CUDA memory to report
+        assert 0 <= r["data_wait"] <= 1 and "peak_memory_gib" not in r  # CPU: no CUDA memory to report
+    # a fresh checkout JIT-compiles the masking kernels (numba) in the loader's first steps: the share is judged after
+    assert records[-1]["data_wait"] < 0.5
     # each micro-batch counts the FLOPs of its own shape and masked tokens, on the padded model (2000 -> 2048 rows)
     config = trainer.engine.module.config
     assert config.vocab_size == 2048 and len(seen) == 4
