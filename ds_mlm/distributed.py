@@ -15,6 +15,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -233,19 +234,31 @@ def wait_all(name: str, what: str) -> None:
 def shutdown() -> None:
     """Leave the process group once every rank is done: a process that exits with it alive can die in C++
     ("terminate called without an active exception") after its work is complete."""
-    global _peers
     if initialized():
         torch.distributed.barrier()
-        if _peers is not None:  # a later init (a library caller's next run) starts its own, on its own store
-            _peers.stop()
-            _peers = errors.lost_peer_hint = None
+        _forget_peers()
         torch.distributed.destroy_process_group()
 
 
-def leave() -> None:
+def _forget_peers() -> None:
+    """Stop the heartbeat and drop its store: a store kept alive past the group (rank 0 serves it from a C++ thread)
+    ends the process in C++ at exit; a later init (a library caller's next run) starts its own, on its own store."""
+    global _peers
+    if _peers is not None:
+        _peers.stop()
+        _peers = errors.lost_peer_hint = None
+
+
+def leave(error: Optional[BaseException] = None) -> None:
     """Leave the process group without waiting for the others: on an error, which the other ranks may not share (a
     barrier could wait forever), but without exiting with the group alive (which can end the process in C++ with
-    another status than the error's)."""
+    another status than the error's). For a lost peer, who stopped answering is asked before the store goes."""
+    said = None
+    if error is not None and errors.is_peer_loss(error) and errors.lost_peer_hint is not None:
+        said = errors.lost_peer_hint()
+    _forget_peers()
+    if said is not None:
+        errors.lost_peer_hint = lambda: said
     if initialized():
         try:
             torch.distributed.destroy_process_group()

@@ -56,6 +56,10 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def is_peer_loss(error: BaseException) -> bool:
+    """Is `error` torch.distributed's word that another process of the job died, hangs or is cut off?"""
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST)
+
 def _exit(code: int) -> None:
     ignore_stop_signals()
     sys.exit(code)
@@ -98,7 +102,7 @@ def cli(main):
                 _note_lost(message)
             _exit(EXIT_PEER_LOST if isinstance(e, PeerLost) else EXIT_USER_ERROR)
         except RuntimeError as e:  # torch.distributed.DistBackendError is one too
-            if not any(words in str(e) for words in PEER_LOST):
+            if not is_peer_loss(e):
                 raise
             who = (lost_peer_hint() if lost_peer_hint is not None else "") or "another process of the job"
             _note_lost(f"rank {os.environ.get('RANK', '0')} lost contact with {who}")

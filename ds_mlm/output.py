@@ -18,9 +18,10 @@ FORMAT, DATEFMT = "%(asctime)s [ds_mlm] %(message)s", "%H:%M:%S"
 EVERY_RANK = ("ds_mlm.prepare", "ds_mlm.data.group")  # the build's shares and waits: news from every rank
 
 
-def setup_logging(rank: int = 0, stream=sys.stdout) -> None:
-    """Configure logging for a command, once (rank 0 at INFO, the others at WARNING; see the module docstring)."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=stream, format=FORMAT,
-                        datefmt=DATEFMT, force=True)
+def setup_logging(rank: int = 0, stream=None) -> None:
+    """Configure logging for a command, once (rank 0 at INFO, the others at WARNING; see the module docstring).
+    `stream`: sys.stdout as it is at the call (a caller may have replaced it), unless given."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=stream or sys.stdout,
+                        format=FORMAT, datefmt=DATEFMT, force=True)
     for name in EVERY_RANK:
         logging.getLogger(name).setLevel(logging.INFO)

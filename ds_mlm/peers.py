@@ -61,7 +61,10 @@ class Peers:
         return self
 
     def stop(self) -> None:
+        """End the heartbeat; it lets go of the store within a beat (bounded: a store call has its own timeout)."""
         self._stop.set()
+        if getattr(self, "_thread", None) is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=BEAT_SECONDS + 1)
 
     def _beat(self) -> None:
         while not self._stop.is_set():

@@ -206,12 +206,15 @@ def _command(argv=None) -> int:
     from ds_mlm.signals import watch_launcher
 
     watch_launcher()  # a rank whose launcher has gone stops like a signalled one, never trains on as an orphan
+    ours = not distributed.initialized()  # an in-process caller's group (a test's) is the caller's to keep
     try:
         code = run(*args)
-    except BaseException:
-        distributed.leave()  # the error decides the exit status, not a C++ abort of a group left alive
+    except BaseException as e:
+        if ours:
+            distributed.leave(e)  # the error decides the exit status, not a C++ abort of a group left alive
         raise
-    distributed.shutdown()  # a process about to exit: leave the group cleanly (a library caller keeps it)
+    if ours:
+        distributed.shutdown()  # a process about to exit: leave the group cleanly
     return code
 
 
