@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-STEPS = 40
+STEPS = 160  # at ~16 steps/s on a quiet machine: ~10 s of training, so the freeze after the second record lands mid-run
 FP32_NO_DROPOUT = ["--bf16", "false", "--learning_rate", "2e-3", "--warmup_steps", "2"]
 
 
