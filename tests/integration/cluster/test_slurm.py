@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pytest
 from conftest import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-STEPS = 160  # at ~16 steps/s on a quiet machine: ~10 s of training, so the freeze after the second record lands mid-run
+STEPS = 160  # at ~20 steps/s on a quiet machine: 8 s of training; the freeze, polled every 50 ms, lands by step ~5
 FP32_NO_DROPOUT = ["--bf16", "false", "--learning_rate", "2e-3", "--warmup_steps", "2"]
 
 
@@ -78,6 +79,9 @@ def drive(slurm, jobs, bound: float = 900):
 
     done = {}  # the steps taken -> when
     deadline = time.monotonic() + bound
+    # Each preempted job's ranks are frozen (SIGSTOP) once it has logged two steps, by a watcher of its own: this
+    # loop's scontrol calls take seconds on a loaded machine, in which a quiet one trains the whole job.
+    frozen = {name: freeze_after(slurm, *jobs[name][:2], steps=2) for name in ("time_limit", "fewer_nodes")}
     while True:
         state = {name: slurm.job(job) for name, (job, _, _) in jobs.items()}
         if all(r["JobState"] in DONE for r in state.values()):
@@ -85,8 +89,7 @@ def drive(slurm, jobs, bound: float = 900):
         assert time.monotonic() < deadline, f"the Slurm jobs did not end within {bound} s: {state}"
         job, out, log = jobs["time_limit"]
         r = state["time_limit"]
-        if "lowered" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 2:
-            signal_ranks(slurm, job, signal.SIGSTOP)
+        if "lowered" not in done and frozen["time_limit"].is_set():
             # Bring the end near: 60-120 s left. Slurm sends SIGUSR1 once less than 60 s (--signal=B:USR1@60) + its
             # 30 s margin are left, at its next look, so within a minute, with at least 30 s for the save and requeue.
             slurm.scontrol("update", f"JobId={job}", f"TimeLimit={(seconds(r['RunTime']) + 120) // 60}")
@@ -102,8 +105,7 @@ def drive(slurm, jobs, bound: float = 900):
             done["raised"] = time.monotonic()
         job, out, _ = jobs["fewer_nodes"]
         r = state["fewer_nodes"]
-        if "held" not in done and r["JobState"] == "RUNNING" and len(losses(out)) >= 2:
-            signal_ranks(slurm, job, signal.SIGSTOP)  # mid-run for sure; Slurm's SIGCONT + SIGTERM wake them
+        if "held" not in done and frozen["fewer_nodes"].is_set():  # frozen mid-run; Slurm's SIGCONT + SIGTERM wake it
             slurm.scontrol("requeuehold", job)  # SIGTERM to every process of the job: the ranks save; it waits, held
             done["held"] = time.monotonic()
         if "held" in done and "released" not in done and r["JobState"] == "PENDING" and r["Restarts"] == "1":
@@ -111,6 +113,24 @@ def drive(slurm, jobs, bound: float = 900):
             slurm.scontrol("release", job)
             done["released"] = time.monotonic()
         time.sleep(0.5)
+
+
+def freeze_after(slurm, job, out: Path, steps: int, bound: float = 600) -> threading.Event:
+    """Watch the job's train log every 50 ms and SIGSTOP its ranks once `steps` steps are logged; the event is set
+    then. A daemon thread: it gives up after `bound` seconds (the drive loop fails on its own deadline)."""
+    frozen = threading.Event()
+
+    def watch():
+        end = time.monotonic() + bound
+        while time.monotonic() < end:
+            if len(losses(out)) >= steps:
+                signal_ranks(slurm, job, signal.SIGSTOP)
+                frozen.set()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True, name=f"freeze-{job}").start()
+    return frozen
 
 
 def signal_ranks(slurm, job, sig):
