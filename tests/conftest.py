@@ -215,7 +215,7 @@ def no_dropout_config(tmp_path_factory) -> Path:
     return path
 
 
-# -- an in-process trainer over a list-backed dataset (tests/unit/test_trainer.py, tests/integration/test_throughput.py) -------------
+# -- an in-process trainer over a list-backed dataset (tests/integration/test_trainer.py, test_throughput.py) ----------
 
 SEQ = 64
 

@@ -43,7 +43,10 @@ def reference(tmp_path_factory, small_corpus, bpe_tokenizer_dir, no_dropout_conf
     return root, losses(root / "straight")
 
 
-@pytest.mark.parametrize("zero, before, after", [("zero1.json", 2, 1), ("zero2.json", 2, 1), ("zero3.json", 1, 2)])
+# ZeRO-1 and ZeRO-2 share one optimizer (DeepSpeedZeroOptimizer), one checkpoint layout and one conversion path
+# (ds_to_universal's stage <= 2 branch; ds_mlm converts on `zero_stage > 0`): ZeRO-2 stands for both, shrinking;
+# ZeRO-3 (its own partitioning and converter) growing.
+@pytest.mark.parametrize("zero, before, after", [("zero2.json", 2, 1), ("zero3.json", 1, 2)])
 def test_killed_run_resumes_on_another_world_size(reference, small_corpus, bpe_tokenizer_dir, no_dropout_config,
                                                   zero, before, after):
     root, expected = reference

@@ -3,7 +3,7 @@ directories. Nothing half-written is ever taken for complete, and the run goes o
 with the same numbers as a run that was never interrupted.
 
 Runs are worlds of one (`python -m ds_mlm.run_mlm`, ZeRO-0 fp32, tiny model); the multi-rank crash and resume is in
-tests/unit/test_trainer.py. The disk tests mount small tmpfs file systems (the suite runs as root on CI); where mounting
+tests/integration/test_trainer.py. The disk tests mount small tmpfs file systems (the suite runs as root on CI); where mounting
 is not permitted they are skipped, saying so.
 """
 
