@@ -38,7 +38,8 @@ if os.environ.get("STOP_IN_BUILD") and os.environ["RANK"] == "1":
     prepare.build_shards = stuck_build
 run_mlm.cli_main()
 '''
-TIMEOUT_MINUTES = 0.5  # 30 s: long enough for two ranks to start side by side on a loaded machine
+TIMEOUT_MINUTES = 0.25  # 15 s: what each test waits out; the ranks of two launchers started side by side meet
+# at each collective within seconds of each other, even on a loaded machine
 
 
 def stopped_pair(tmp_path, tokenizer, corpus, env):
@@ -76,6 +77,6 @@ def test_a_stopped_member_ends_the_build_with_one_line_naming_it(tmp_path, bpe_t
     status, log = stopped_pair(tmp_path, bpe_tokenizer_dir, small_corpus[0], {"STOP_IN_BUILD": "1"})
     assert status == 3, log
     assert (f"[rank 0] ds-mlm: error: rank 0: rank 1 on {socket.gethostname()} stopped answering (no heartbeat for "
-            f"30 s, --distributed_timeout_minutes) while this rank waited for the members' shares of the train "
-            "dataset") in log, log
+            f"{TIMEOUT_MINUTES * 60:.0f} s, --distributed_timeout_minutes) while this rank waited for the members' "
+            "shares of the train dataset") in log, log
     assert "Traceback" not in log
