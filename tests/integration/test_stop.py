@@ -241,6 +241,7 @@ def test_the_demo_chain_stops_in_its_first_command_and_starts_no_other(tmp_path,
     assert not (tmp_path / "demo" / "tokenizer").exists()  # only a complete tokenizer is moved into place
 
 
+@pytest.mark.alone  # a bound of 15 s on a 5 s wait: not beside another xdist worker (tests/run.sh)
 def test_a_torchrun_node_waiting_for_the_others_stops_at_once(tmp_path, bpe_tokenizer_dir, small_corpus):
     env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, **TRAINING, LAUNCHER="torchrun", N_NODES="2",
                   NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # node 1 never comes
