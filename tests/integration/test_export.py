@@ -1,6 +1,9 @@
 """Export: a ZeRO-3 run on 2 ranks through the launcher, its in-run export, and `python -m ds_mlm.export` on its
-checkpoint (no launcher); both load with AutoModelForMaskedLM, fill a <mask>, and hold the trained fp32 weights."""
+checkpoint (no launcher); both load with AutoModelForMaskedLM, fill a <mask>, and hold the trained fp32 weights.
+And its destination, through the commands a user types on a real run: a user's file, or a newer export, is refused in
+one line unless --force (the check itself, fast: tests/unit/test_export_destination.py)."""
 
+import hashlib
 import json
 import os
 import sys
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run
+from ds_mlm.export import MODEL_DIR, TOKENIZER_DIR, read_marker
 
 pytestmark = pytest.mark.slow  # real runs: a launcher, a trained model, or several processes
 
@@ -156,3 +160,64 @@ def test_a_killed_export_leaves_nothing_that_the_next_one_does_not_remove(zero3_
     run(export_cmd(zero3_run / "checkpoint-6", out))
     assert sorted(p.name for p in out.iterdir()) == ["roberta_thai", "roberta_thai_tokenizer"]  # the leftover is gone
     fill(out / "roberta_thai")
+
+
+# -- the destination: what an export may replace ------------------------------------------------------------------
+
+def digest(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha1(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, small_corpus, bpe_tokenizer_dir):
+    """A run of 4 steps (checkpoints 2 and 4, the final export of step 4) and the command that made it."""
+    out = tmp_path_factory.mktemp("four") / "out"
+    cmd = [sys.executable, "-m", "ds_mlm.run_mlm", "--tokenizer_name_or_path", bpe_tokenizer_dir, "--train_dir",
+           small_corpus[0], "--eval_dir", small_corpus[1], "--output_dir", out, "--architecture", "roberta-tiny",
+           "--max_seq_length", "64", "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
+           "--logging_steps", "2", "--deepspeed_config", "zero0.json"]
+    run(cmd)
+    assert read_marker(out / MODEL_DIR)["step"] == 4
+    return out, cmd
+
+
+def export_cmd(checkpoint, out, *extra):
+    return [sys.executable, "-m", "ds_mlm.export", "--checkpoint", checkpoint, "--output_dir", out, *extra]
+
+
+def test_export_over_a_directory_with_a_users_file(four_steps, tmp_path):
+    out, _ = four_steps
+    dest = tmp_path / "dest"
+    (dest / MODEL_DIR).mkdir(parents=True)
+    (dest / MODEL_DIR / "notes.txt").write_text("my notes")
+    proc = run(export_cmd(out / "checkpoint-4", dest), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"ds-mlm: error: {dest / MODEL_DIR} holds 1 file(s) that no export wrote (notes.txt): exporting would delete "
+        "them; move them away or choose another --output_dir (or pass --force to replace the directory)"]
+    assert digest(dest) == {f"{MODEL_DIR}/notes.txt": hashlib.sha1(b"my notes").hexdigest()}  # nothing lost or added
+    forced = run(export_cmd(out / "checkpoint-4", dest, "--force"))
+    assert f"warning: --force: replacing {dest / MODEL_DIR} holds 1 file(s) that no export wrote (notes.txt)" \
+        in forced.stdout
+    assert read_marker(dest / MODEL_DIR)["step"] == 4 and not (dest / MODEL_DIR / "notes.txt").exists()
+
+
+def test_an_older_checkpoint_over_the_final_export_needs_force_and_the_final_export_replaces_its_own(four_steps):
+    out, cmd = four_steps
+    final = digest(out / MODEL_DIR)
+    proc = run(export_cmd(out / "checkpoint-2", out), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"ds-mlm: error: {out / MODEL_DIR} holds the export of step 4 (the run), newer than step 2: pass --force to "
+        "replace it with the older one, or choose another --output_dir"]
+    assert digest(out / MODEL_DIR) == final  # the step-4 model is intact
+    forced = run(export_cmd(out / "checkpoint-2", out, "--force"))
+    assert "replacing" in forced.stdout and read_marker(out / MODEL_DIR)["step"] == 2
+    run(cmd)  # the same run again: training is done, its final export replaces the step-2 one, as before
+    assert read_marker(out / MODEL_DIR)["step"] == 4 and digest(out / MODEL_DIR) == final
+
+    (out / TOKENIZER_DIR / "notes.txt").write_text("mine")  # the run itself refuses before it starts
+    proc = run(cmd, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"ds-mlm: error: {out / TOKENIZER_DIR} holds 1 file(s) that no export wrote (notes.txt): exporting would "
+        "delete them; move them away or choose another --output_dir")
+    assert (out / TOKENIZER_DIR / "notes.txt").read_text() == "mine"

@@ -92,6 +92,7 @@ def recorded(path: Path) -> list:
     return [tuple(line.split()) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow  # four stores built through worker processes: 5-6 s, the fast tier's slowest test
 def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bpe_tokenizer_dir, caplog,
                                                       monkeypatch):
     from transformers import AutoTokenizer
