@@ -1,12 +1,11 @@
-"""Save on signal, the handler side: the first signal is a request, a duplicate is ignored, a later one exits now."""
+"""Save on signal, the handler side: the first signal is a request, a duplicate is ignored, a later one exits now.
+The launcher watch end to end (a killed launcher, an ended ssh session): tests/integration/test_signals.py."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
-
-import pytest
 
 from conftest import REPO
 from ds_mlm import signals
@@ -71,61 +70,6 @@ def test_a_second_signal_later_exits_at_once():
 
 
 # -- the launcher watch: a rank whose launcher has gone stops ---------------------------------------------------------
-
-FAKE_LAUNCHER = """import subprocess, sys, time
-rank = subprocess.Popen([sys.executable, sys.argv[1]])
-print(rank.pid, flush=True)
-sys.exit(rank.wait())
-"""
-WATCHING_RANK = f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
-from ds_mlm import signals
-chain = signals.watch_launcher(interval=0.1)
-print(" | ".join(name for _, _, name in chain), flush=True)
-with signals.StopOnSignal() as stop:
-    deadline = time.monotonic() + 60
-    while stop.requested is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # a training step
-print("stopped by", stop.requested, flush=True)
-sys.exit(signals.EXIT_PREEMPTED if stop.requested else 1)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("over_ssh", [False, True], ids=["launcher", "ssh-session-above-it"])
-def test_a_rank_whose_launcher_chain_breaks_stops_with_a_checkpoint(tmp_path, over_ssh):
-    """The launcher (a stand-in named torchrun) is SIGKILLed; or, pdsh's case, the ssh session above it ends (a bash
-    titled like sshd's session process) while the launcher lives on: either way the rank sees its chain change."""
-    import psutil
-
-    launcher = tmp_path / "torchrun"
-    launcher.write_text(FAKE_LAUNCHER)
-    (tmp_path / "rank.py").write_text(WATCHING_RANK)
-    out = tmp_path / "rank.out"
-    start = f"{sys.executable} {launcher} {tmp_path / 'rank.py'} > {out} 2>&1"
-    if over_ssh:  # `exec -a` sets the title: "sshd: user@notty" runs a shell, which runs the launcher
-        start = f"exec -a 'sshd: user@notty' bash -c \"bash -c {start!r}; true\""
-    top = subprocess.Popen(["bash", "-c", start], env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 30
-    while len(out.read_text().splitlines() if out.exists() else []) < 2:
-        assert time.monotonic() < deadline and top.poll() is None, out.read_text() if out.exists() else "no output"
-        time.sleep(0.05)
-    rank_pid, chain = out.read_text().splitlines()[:2]
-    assert chain.startswith("torchrun") and ("sshd: user@notty" in chain) == over_ssh, chain
-    rank = psutil.Process(int(rank_pid))
-    fake_launcher = rank.parent()
-    (top if over_ssh else fake_launcher).kill()
-    try:
-        rank.wait(30)  # not our child: no status to read; its last line says how it ended
-    finally:
-        for proc in (fake_launcher, rank):
-            if proc.is_running():
-                proc.kill()
-    top.wait(10)
-    text = out.read_text()
-    assert "ds-mlm: its launcher is gone: " in text and "stopped by its launcher's end" in text.splitlines()[-1], text
-
 
 def test_no_launcher_above_means_nothing_to_watch():
     assert signals.launcher_chain() == []  # pytest's parent is a shell or a terminal, not a launcher
