@@ -1,12 +1,10 @@
-"""load_tokenizer: its one-line errors, `auto` on other kinds of directory, an ancestor's SentencePiece model; and a
-saved directory loading without ds-mlm (trust_remote_code) or any network."""
+"""load_tokenizer: its one-line errors, `auto` on other kinds of directory, an ancestor's SentencePiece model. A saved
+directory loading without ds-mlm (trust_remote_code) or any network: tests/integration/test_tokenization.py."""
 
 import io
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import pytest
 import sentencepiece as spm
@@ -111,54 +109,6 @@ def test_an_ancestor_sentencepiece_model_is_shifted_to_ids_0_to_4(ancestor_spm_d
             assert tok.convert_tokens_to_string(["▁", "<_>", "▁"]) == "\n \n"
         tok.save_pretrained(tmp_path / str(flag))
         assert load_tokenizer(tmp_path / str(flag))(LINES[:20])["input_ids"] == tok(LINES[:20])["input_ids"]
-
-
-_ISOLATED = """
-import json, socket, sys
-def refuse(*args, **kwargs):
-    raise RuntimeError("network access")
-socket.socket.connect = refuse
-import pythainlp.corpus.core as core
-core.download = core.get_corpus_path = refuse  # a corpus that is not packaged would be fetched through these
-sys.modules["ds_mlm"] = None  # any import of ds-mlm fails: the directory must carry its own code
-from transformers import AutoTokenizer
-lines = sys.argv[1:5]
-for path in sys.argv[5:]:
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    print(json.dumps([type(tok).__module__, tok(lines)["input_ids"]]))
-"""
-
-
-@pytest.mark.slow  # a fresh interpreter or a whole run: seconds
-def test_a_saved_directory_loads_without_ds_mlm_and_without_network(tmp_path):
-    """trust_remote_code loading from the module files saved beside the vocabulary; PyThaiNLP's dictionaries come
-    from its package, nothing is fetched."""
-    from ds_mlm.train_tokenizer import TrainTokenizerArguments, train
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.txt").write_text("\n".join(LINES + ["ข่าวรัฐบาลไทย วันนี้"]) + "\n", encoding="utf-8")
-    lines = LINES[:3] + ["ข่าว <mask> รัฐบาลไทย วันนี้"]
-    saved, want = [], []
-    for kind in ("spm", "newmm", "syllable"):
-        out = train(TrainTokenizerArguments(type=kind, input_dir=str(corpus), output_dir=str(tmp_path / kind),
-                                            vocab_size=500, num_workers=1))
-        tok = load_tokenizer(out, kind, add_space_token=True)
-        saved.append(tmp_path / f"{kind}-saved")
-        tok.save_pretrained(saved[-1])  # the flag must survive, too
-        want.append(tok(lines)["input_ids"])
-    assert want[1] != want[2]  # words and syllables: two dictionaries at work
-    data_dir = tmp_path / "pythainlp-data"
-    data_dir.mkdir()
-    proc = subprocess.run([sys.executable, "-c", _ISOLATED, *lines, *saved], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
-                                                          "HF_HUB_OFFLINE": "1", "PYTHAINLP_DATA_DIR": str(data_dir),
-                                                          "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines()[-3:]]
-    assert [module.split(".")[0] for module, _ in results] == ["transformers_modules"] * 3
-    assert [ids for _, ids in results] == want
-    assert not any(data_dir.iterdir())  # nothing was downloaded into PyThaiNLP's data directory
 
 
 def test_a_damaged_vocabulary_is_a_one_line_error(newmm_dir, tmp_path):

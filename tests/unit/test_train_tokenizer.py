@@ -77,18 +77,6 @@ def test_word_counts_are_the_same_in_worker_processes(corpus, tmp_path):
     assert len({(tmp_path / d / "syllable.json").read_text(encoding="utf-8") for d in dirs}) == 1
 
 
-@pytest.mark.slow  # a fresh interpreter or a whole run: seconds
-def test_word_counting_workers_end_when_the_parent_ignores_sigterm(corpus, tmp_path):
-    """A process that has decided to stop ignores SIGTERM (errors.ignore_stop_signals), and forked workers inherit
-    that: a multiprocessing.Pool's terminate() then waited forever on them (seen as a hung suite)."""
-    script = (f"import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-              f"from ds_mlm.train_tokenizer import TrainTokenizerArguments, train\n"
-              f"train(TrainTokenizerArguments(type='newmm', input_dir={str(corpus / 'plain')!r}, num_workers=2, "
-              f"output_dir={str(tmp_path / 'tok')!r}))\n")
-    run([sys.executable, "-c", script], timeout=120)
-    assert (tmp_path / "tok" / "newmm.json").is_file()
-
-
 @pytest.mark.parametrize("args, message", [
     (["--type", "wordpiece"], "unknown --type 'wordpiece': use one of spm, newmm, syllable, sefr_cut, bpe"),
     (["--type", "spm", "--vocab_size", "5"], "--vocab_size 5 leaves no room"),
