@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO
 from ds_mlm.signals import EXIT_PREEMPTED
 
-pytestmark = pytest.mark.slow
+# stand-in jobs with waits of 20 s and timing windows: run by themselves (tests/run.sh), not beside an xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 PYTHON = sys.executable
 RANK = r'''"""A rank: records its pid, then each stop signal it gets; MODE=handles exits 128+N half a second
 later, saves exits 75 (a checkpoint saved) likewise, ignores keeps running; with CHILD=1 it first starts a child of
@@ -169,7 +170,6 @@ def test_the_signal_reaches_each_rank_once_and_their_status_comes_back(stand_in)
     assert "SIGTERM: stopping the job: SIGTERM to each rank" in proc.stderr.read()
 
 
-@pytest.mark.alone  # a window of 1 to 4 s: not beside another xdist worker (tests/run.sh)
 def test_what_ignores_the_signal_is_killed_after_the_grace_period(stand_in):
     proc = supervised(stand_in, mode="ignores", grace=1, CHILD="1")
     wait_for(lambda: len(rank_logs(stand_in)) == 2, what="two ranks")
@@ -221,7 +221,6 @@ def test_ranks_started_after_the_signal_get_it_too(stand_in):
     assert "SIGTERM sent to" in proc.stderr.read()
 
 
-@pytest.mark.alone  # a window of 5 to 10 s: not beside another xdist worker (tests/run.sh)
 def test_an_agent_that_starts_no_rank_gets_the_signal_itself(stand_in):
     proc = supervised(stand_in, ranks=0)
     wait_for(lambda: len(job_pids(proc.pid)) == 2, what="the runner and the agent")
