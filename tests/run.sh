@@ -2,9 +2,9 @@
 # The test suite: installs what is missing into .venv (first run only), then runs pytest on tests/ in three tiers and
 # prints each tier's time: fast (`-m "not slow"`, the one-minute loop), integration (launchers, several processes,
 # faults) and cluster (real hosts in network namespaces; they skip, saying why, where the machine cannot host them).
-# The integration tier runs on two pytest-xdist workers, a test file per worker (its module fixtures built once), most
-# of its time being process start-ups and bounded waits; its tests marked `alone` (a timing window, or a bound on how
-# fast processes end) run after, by themselves.
+# The fast and integration tiers run on two pytest-xdist workers, a test file at a time per worker (its module fixtures
+# built once): the time goes to single-threaded imports, process start-ups and bounded waits. The integration tests
+# marked `alone` (a timing window, a race a neighbour's load can lose) run after, by themselves.
 # Extra arguments run one pytest over tests/ with them instead, e.g. `bash tests/run.sh -k packing -x`.
 # As root, the Debian packages of the cluster tier are installed first where missing (scripts/cluster_packages.sh).
 set -euo pipefail
@@ -36,7 +36,7 @@ tier() {  # tier NAME MARKER-EXPRESSION [PYTEST-ARGS...]: one pytest run; a tier
   took[$name]=$(( $(date +%s) - start ))
   summary+=("$name ${took[$name]} s")
 }
-tier fast "not slow and not cluster"
+tier fast "not slow and not cluster" -n 2 --dist loadfile
 tier integration "slow and not cluster and not alone" -n 2 --dist loadfile
 tier integration-alone "slow and not cluster and alone"
 tier cluster "cluster"
