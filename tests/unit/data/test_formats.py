@@ -288,10 +288,23 @@ def tree(root) -> dict:
 
 
 @pytest.mark.slow
-def test_the_build_stops_on_a_damaged_zst_and_leaves_the_cache_as_it_was(tmp_path, bpe_tokenizer_dir):
+def test_the_build_stops_on_a_damaged_zst_and_leaves_the_cache_as_it_was(tmp_path, bpe_tokenizer_dir, world_of_one,
+                                                                         capsys):
+    """The good build and the first damage through the command users type (its exit status, a stderr without a
+    traceback); the other two damages through the same CLI entry in-process (one process where one proves the same)."""
     import sys
 
     from conftest import run
+    from ds_mlm.run_mlm import cli_main
+
+    def build(argv, real: bool):  # (exit status, stderr)
+        if real:
+            proc = run([sys.executable, "-m", "ds_mlm.run_mlm", *argv], check=False)
+            return proc.returncode, proc.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            cli_main([str(a) for a in argv])
+        return exited.value.code, capsys.readouterr().err
 
     train, evaluation = tmp_path / "train", tmp_path / "eval"
     train.mkdir()
@@ -299,21 +312,21 @@ def test_the_build_stops_on_a_damaged_zst_and_leaves_the_cache_as_it_was(tmp_pat
     (evaluation / "e.txt").write_text("\n".join(LINES[:50]) + "\n")
     good = compressed(train / "a.txt.zst", ".zst", "\n".join(LINES) + "\n")
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "ds_mlm.run_mlm", "--tokenizer_name_or_path", bpe_tokenizer_dir, "--train_dir", train,
-           "--eval_dir", evaluation, "--ext", "txt.zst", "jsonl.zst", "txt", "--output_dir", tmp_path / "out",
-           "--datasets_cache_dir", cache, "--max_seq_length", "64", "--build_dataset_only"]
-    run(cmd)
+    argv = ["--tokenizer_name_or_path", bpe_tokenizer_dir, "--train_dir", train, "--eval_dir", evaluation, "--ext",
+            "txt.zst", "jsonl.zst", "txt", "--output_dir", tmp_path / "out", "--datasets_cache_dir", cache,
+            "--max_seq_length", "64", "--build_dataset_only"]
+    run([sys.executable, "-m", "ds_mlm.run_mlm", *argv])
     before = tree(cache)
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     jsonl = "".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in LINES).encode()
-    for name, damaged in (("a.txt.zst", good[:len(good) // 2]), ("a.txt.zst", bytes(flipped)),
-                          ("b.jsonl.zst", zstandard.ZstdCompressor().compress(jsonl)[:-100])):
+    for n, (name, damaged) in enumerate((("a.txt.zst", good[:len(good) // 2]), ("a.txt.zst", bytes(flipped)),
+                                         ("b.jsonl.zst", zstandard.ZstdCompressor().compress(jsonl)[:-100]))):
         (train / "a.txt.zst").write_bytes(good)
         (train / name).write_bytes(damaged)
-        proc = run(cmd, check=False)
-        [line] = [s for s in proc.stderr.splitlines() if "error" in s.lower()]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        code, err = build(argv, real=n == 0)
+        [line] = [s for s in err.splitlines() if "error" in s.lower()]
+        assert code == 2 and "Traceback" not in err
         if len(damaged) == len(good):  # the flipped one
             assert line.startswith(f"ds-mlm: error: {train / name}: corrupt zstd data near byte ")
         else:
