@@ -173,7 +173,7 @@ def train(trainer, tokenizer, save_on_signal: bool) -> int:
     if outcome == "preempted" or stop.requested:  # saved, leaving; signals are ignored from here (signals.py)
         return EXIT_PREEMPTED
     last = os.path.join(plan.output_dir, f"checkpoint-{trainer.global_step}")
-    export_model(trainer.engine, tokenizer, plan.output_dir,
+    export_model(trainer.engine, tokenizer, plan.output_dir, dist,
                  intact=f"{last} is intact: free some space, then export it with python -m ds_mlm.export "
                         f"--checkpoint {last} --output_dir {plan.output_dir}", step=trainer.global_step)
     if trainer.eval_sets:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
     if signal.getsignal(_sig) is signal.SIG_IGN:
         signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
+from ds_mlm.distributed import free_port  # noqa: E402,F401 (the tests import it from here; after the settings above)
 
 
 def cpu_mixed_precision() -> str:
@@ -61,12 +62,6 @@ def restore_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_bpe_tokenizer(out_dir: Path, vocab_size: int = 2000) -> Path:
