@@ -30,8 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ds_mlm.data.manifest import ShardedStore, finalize, shard_path  # noqa: E402
 from ds_mlm.data.dataset_plan import BuildOptions, DatasetPlan, ShardPlan, SourcePlan  # noqa: E402
+from ds_mlm.data.manifest import ShardedStore, finalize, shard_path  # noqa: E402
 from ds_mlm.data.store import StoreWriter, TokenStore  # noqa: E402
 from common import load_avg, rate  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
