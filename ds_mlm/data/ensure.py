@@ -111,7 +111,7 @@ def manifest_is_current(plan: DatasetPlan, dataset: str, present: Sequence[str],
     return why is None
 
 
-def why_stopped(e: BaseException) -> str:
+def _why(e: BaseException) -> str:
     """One line saying how a process stopped."""
     if isinstance(e, Terminated):
         return f"was stopped by {signal.Signals(e.signum).name}"
@@ -181,7 +181,7 @@ def _follow(plans, paths, tokenizer, group, cache_dir, num_workers, chunk_size) 
     try:
         reports = _build_share(plans, paths, share, tokenizer, group, num_workers, chunk_size)
     except BaseException as e:
-        group.say(f"member/{group.rank}", f"failed: {why_stopped(e)}")
+        group.say(f"member/{group.rank}", f"failed: {_why(e)}")
         raise
     for name, report in reports.items():
         log.info("rank %d: %s: tokenized %d shard(s) of %s (its share)\n%s", group.rank, name, len(report.built),
@@ -213,8 +213,8 @@ def ensure_datasets(plans: Dict[str, DatasetPlan], paths: Dict[str, str], tokeni
     except BaseException as e:  # whoever waits on the leader learns why, in one line
         if group.store is not None:
             if group.poll("plan") is None:
-                group.say("plan", f"failed: {why_stopped(e)}")
-            group.say("done", f"failed: {why_stopped(e)}")
+                group.say("plan", f"failed: {_why(e)}")
+            group.say("done", f"failed: {_why(e)}")
         raise
     group.say("done", "done")
     return built
