@@ -58,7 +58,7 @@ def run(model_args, data_args, train_args) -> int:
     from ds_mlm.export import check_destination, own_names
     from ds_mlm.model import count_parameters, resolve_config
     from ds_mlm.output import setup_logging
-    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.data.prepare import prepare_datasets
     from ds_mlm.tokenization import load_tokenizer
 
     # A build-only run in a world of one never pays for DeepSpeed; every other run joins the process group first.

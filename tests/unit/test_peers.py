@@ -20,9 +20,10 @@ from integration.test_distributed_launchers import PYTHON, TINY, finish, start
 
 SPY = '''import os, signal, sys
 sys.path.insert(0, {repo!r})
-from ds_mlm import metrics, prepare, run_mlm
+from ds_mlm import metrics, run_mlm
+from ds_mlm.data import ensure
 
-summary, build, logged = metrics.Window.summary, prepare.build_shards, []
+summary, build, logged = metrics.Window.summary, ensure.build_shards, []
 
 
 def spy(self, *args, **kwargs):
@@ -39,7 +40,7 @@ def stuck_build(*args, **kwargs):
 
 metrics.Window.summary = spy
 if os.environ.get("STOP_IN_BUILD") and os.environ["RANK"] == "1":
-    prepare.build_shards = stuck_build
+    ensure.build_shards = stuck_build
 run_mlm.cli_main()
 '''
 TIMEOUT_MINUTES = 0.5  # 30 s: long enough for two ranks to start side by side on a loaded machine
