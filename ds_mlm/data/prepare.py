@@ -53,13 +53,13 @@ def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
         return dist.first_rank_on_node
     # auto: the first rank of each node drops a uniquely named file; a rank's builder is the lowest rank whose file
     # it sees. A never-used name is in no NFS client's negative lookup cache, so "not seen" means "not shared".
-    probes = distributed.all_gather_object(uuid.uuid4().hex if dist.local_rank == 0 else None)
+    probes = dist.gather(uuid.uuid4().hex if dist.local_rank == 0 else None)
     paths = {rank: os.path.join(cache_dir, f".probe-{probe}") for rank, probe in enumerate(probes) if probe}
     if dist.local_rank == 0:
         open(paths[dist.rank], "w").close()
-    distributed.barrier()
+    dist.barrier()
     builder = min(rank for rank, path in paths.items() if os.path.exists(path))
-    distributed.barrier()
+    dist.barrier()
     if dist.local_rank == 0:
         os.remove(paths[dist.rank])
     return builder
@@ -67,7 +67,7 @@ def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
 
 def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
     """Every rank must train on the same data: a one-line error naming the nodes whose inputs differ from node 0's."""
-    everyone = distributed.all_gather_object((dist.node_rank, socket.gethostname(), fingerprints))
+    everyone = dist.gather((dist.node_rank, socket.gethostname(), fingerprints))
     odd = sorted({f"node {node} ({host})" for node, host, fps in everyone if fps != everyone[0][2]})
     if odd:
         raise UserError(f"the training data differ between nodes: {', '.join(odd)} read other --train_dir/--eval_dir "
@@ -130,12 +130,12 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
         mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])),
                                     tokenizer_id) for split, srcs in sources.items()}
     # through the store, not a collective: hashing a large corpus may take longer than --distributed_timeout_minutes
-    nodes = sorted(set(distributed.all_gather_object(dist.first_rank_on_node)))
+    nodes = sorted(set(dist.gather(dist.first_rank_on_node)))
     plans = distributed.gather_from("plans", mine, nodes, "the first rank of each node to fingerprint the inputs")[
         dist.first_rank_on_node]
     check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
     leader = builder_rank(cache_dir, dist, data_args.cache_scope)
-    members = [rank for rank, lead in enumerate(distributed.all_gather_object(leader)) if lead == leader]
+    members = [rank for rank, lead in enumerate(dist.gather(leader)) if lead == leader]
     group = BuildGroup(leader, members, dist.rank, distributed.job_store(), " and ".join(sources),
                        distributed.watcher(members))
     built = ensure_datasets(plans, paths, tokenizer, group, cache_dir, _workers(data_args, dist),
@@ -151,7 +151,7 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
                      f"\n{done.report.format()}" if done.report.built else "")
     # Everyone has the word within POLL_SECONDS: rank 0 must not leave (--build_dataset_only) and take the store
     # with it before then
-    distributed.barrier()
+    dist.barrier()
     for split in plans:
         _open(plans[split], paths[split], data_args, dist, group)
     distributed.wait_all("datasets open", "every node to check its dataset shards")  # checksums take their time
