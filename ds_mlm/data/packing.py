@@ -34,9 +34,9 @@ Two ways to fill the blocks of full sentences (`packing`):
     ids + 1 (its separator, or for the first one </s>), a block holds block_size - 1 of that.
 
 Streaming: `Packer.feed` packs one chunk at a time and carries what is unfinished into the next call (sequential:
-the open block's ids after <s>; best fit: the sentences still waiting in the window, with their positions), and
+the open block's ids after <s>; best fit: its window, kept in arrays from call to call: packing_kernels.py), and
 every decision depends only on the sentences and their positions, so packing chunk by chunk gives exactly the blocks
-of packing everything at once, whatever the chunks.
+of packing everything at once, whatever the chunks. The kernels live in packing_kernels.py.
 """
 
 from typing import Optional

@@ -76,7 +76,10 @@ class BestFitState:
 @intrinsic
 def memcpy_ids(typingctx, dst, d, src, s, m):
     """memcpy of src[s:s + m] to dst[d:d + m], unchecked (copy_ids checks): numba's slice assignment copies id by id,
-    ~5x slower (8 M ids: 4 ms vs 0.8 ms), as long as the rest of a kernel."""
+    ~5x slower (5 M uint16 ids in slices of 92: 4.1 ms vs 0.8 ms), as long as all the rest of the sequential kernel."""
+    if dst.dtype != src.dtype:  # a typing error when compiled: the byte count assumes one item size
+        return None
+
     def codegen(context, builder, sig, args):
         dst_array = context.make_array(sig.args[0])(context, builder, args[0])
         src_array = context.make_array(sig.args[2])(context, builder, args[2])
