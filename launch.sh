@@ -149,6 +149,25 @@ if [ "${1:-}" = --build_dataset_only ]; then
   shift
 fi
 
+# The job's own flags on the command line (the ancestor's `bash launch.sh --train_dir D --output_dir O ...`) make it
+# the user's job, not the demo: launch.sh reads the directories it needs from them where PROJECT_* is unset.
+flag_value() {  # flag_value FLAG ARGS...: the first value given to FLAG (`FLAG V` or `FLAG=V`) in ARGS, or nothing
+  local want=$1
+  shift
+  while [ $# -gt 0 ]; do
+    case $1 in
+      "$want") printf '%s' "${2:-}"; return ;;
+      "$want"=*) printf '%s' "${1#*=}"; return ;;
+    esac
+    shift
+  done
+}
+for pair in PROJECT_TRAIN_DIR:--train_dir PROJECT_TOKENIZER:--tokenizer_name_or_path \
+            PROJECT_OUTPUT_DIR:--output_dir PROJECT_CACHE_DIR:--datasets_cache_dir; do
+  var=${pair%%:*}
+  [ -n "${!var:-}" ] || printf -v "$var" '%s' "$(flag_value "${pair#*:}" "$@")"
+done
+
 demo=0
 if [ -z "${PROJECT_TRAIN_DIR:-}" ]; then
   demo=1
@@ -168,8 +187,8 @@ if [ -z "${PROJECT_TRAIN_DIR:-}" ]; then
   : "${PROJECT_SAVE_STEPS:=250}"
   : "${PROJECT_LOGGING_STEPS:=50}"
 fi
-[ -n "${PROJECT_TOKENIZER:-}" ] || die "PROJECT_TOKENIZER is not set: export PROJECT_TOKENIZER=DIR, the tokenizer directory (python -m ds_mlm.train_tokenizer makes one)"
-[ -n "${PROJECT_OUTPUT_DIR:-}" ] || die "PROJECT_OUTPUT_DIR is not set: export PROJECT_OUTPUT_DIR=DIR, where checkpoints and the final model go"
+[ -n "${PROJECT_TOKENIZER:-}" ] || die "PROJECT_TOKENIZER is not set: export PROJECT_TOKENIZER=DIR (or pass --tokenizer_name_or_path DIR), the tokenizer directory (python -m ds_mlm.train_tokenizer makes one)"
+[ -n "${PROJECT_OUTPUT_DIR:-}" ] || die "PROJECT_OUTPUT_DIR is not set: export PROJECT_OUTPUT_DIR=DIR (or pass --output_dir DIR), where checkpoints and the final model go"
 [ -d "$PROJECT_TRAIN_DIR" ] || die "PROJECT_TRAIN_DIR=$PROJECT_TRAIN_DIR is not a directory: give the directory of the training *.txt files"
 
 flags=(

@@ -22,7 +22,7 @@ setup(
         "sentencepiece>=0.2",
         "pythainlp>=5.0",  # newmm / syllable cutting for the Thai word-level tokenizers; dictionaries ship inside
         "numpy>=1.26",
-        "numba>=0.60",
+        "numba>=0.60,<0.69",  # data/packing_kernels.py uses numba internals (cgutils.raw_memcpy, unsafe.numbers): checked on 0.68.1
         "safetensors>=0.4",
         "tensorboard>=2.15",
         "tqdm>=4.66",

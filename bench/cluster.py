@@ -34,12 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from cluster import Cluster, unavailable  # noqa: E402
 from conftest import SAMPLE, build_bpe_tokenizer  # noqa: E402
+from common import load_avg  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 STEPS = 3
-
-
-def load_avg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 class Bench:

@@ -40,7 +40,7 @@ def worker(rank: int, world: int, port: int, corpus: str, cache: str) -> None:
 
     from ds_mlm.args import DataArguments
     from ds_mlm.distributed import barrier, env_info
-    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.data.prepare import prepare_datasets
 
     if world > 1:
         torch.distributed.init_process_group("gloo")

@@ -34,7 +34,7 @@ from shards import write_sharded  # noqa: E402
 
 from ds_mlm.collator import MLMCollator  # noqa: E402
 from ds_mlm.data.manifest import ShardedStore  # noqa: E402
-from ds_mlm.data.store import StoreWriter, open_store  # noqa: E402
+from ds_mlm.data.store import StoreWriter, TokenStore  # noqa: E402
 from common import rate  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 VOCAB = 8000
@@ -70,7 +70,7 @@ def write_both(workdir: str, n: int, rng):
         writer.append(tokens, offsets)
         writer.commit()
     write_sharded(os.path.join(workdir, "sharded"), tokens.astype(np.uint16), offsets, 100)
-    return (StructReader(ancestor), open_store(os.path.join(workdir, "store")),
+    return (StructReader(ancestor), TokenStore(os.path.join(workdir, "store")),
             ShardedStore(os.path.join(workdir, "sharded")))
 
 

@@ -30,9 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from ds_mlm.data.dataset_plan import BuildOptions, DatasetPlan, ShardPlan, SourcePlan  # noqa: E402
 from ds_mlm.data.manifest import ShardedStore, finalize, shard_path  # noqa: E402
-from ds_mlm.data.plan import BuildOptions, DatasetPlan, ShardPlan, SourcePlan  # noqa: E402
-from ds_mlm.data.store import StoreWriter, open_store  # noqa: E402
+from ds_mlm.data.store import StoreWriter, TokenStore  # noqa: E402
 from common import load_avg, rate  # noqa: E402 (bench/ is on sys.path: the script's own folder)
 
 VOCAB = 8000
@@ -116,7 +116,7 @@ def main():
               f"{opened['open_s'] * 1e3:.0f} ms, RSS +{opened['rss_mib']:.1f} MiB; the once-per-host checksum check with every shard checked before: "
               f"{opened['once_s'] * 1e3:.0f} ms (target: well under a second)")
 
-        many, one = ShardedStore(sharded), open_store(single)
+        many, one = ShardedStore(sharded), TokenStore(single)
         probe = rng.integers(0, args.samples, size=500).tolist()
         assert [s.tolist() for s in many.__getitems__(probe)] == [s.tolist() for s in one.__getitems__(probe)]
         batches = lambda: rng.integers(0, args.samples, size=args.batch)  # noqa: E731

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from conftest import job_processes  # noqa: E402 (the suite's: every live process naming a directory)
+
 BIN = REPO / ".venv" / "bin"
 CASES = [f"deepspeed:{t}:{s}" for t, s in [("started", "SIGTERM"), ("started", "SIGINT"), ("started", "SIGUSR1"),
                                              ("started", "SIGKILL"), ("deepspeed.launcher.launch", "SIGTERM"),
@@ -34,20 +36,6 @@ CASES = [f"deepspeed:{t}:{s}" for t, s in [("started", "SIGTERM"), ("started", "
                                             ("deepspeed.launcher.runner", "SIGKILL"),
                                             ("deepspeed.launcher.launch", "SIGKILL"), ("ds_mlm.supervise", "SIGKILL"),
                                             ("rank", "SIGTERM")]]
-
-
-def job(marker: str) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()) \
-                    and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def module_of(argv: list):
@@ -89,7 +77,7 @@ def run_case(case: str, work: Path, tokenizer: Path) -> str:
         if proc.poll() is not None or time.monotonic() > deadline:
             return f"{case:48} did not start training (status {proc.poll()}): see {log}"
         time.sleep(0.2)
-    procs = job(str(out))
+    procs = job_processes(str(out))
     if target == "started":  # the command you started: the runner, torchrun, launch.sh
         pid = proc.pid
     elif target == "rank":
@@ -104,10 +92,10 @@ def run_case(case: str, work: Path, tokenizer: Path) -> str:
         status = proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         status = "still running after 120 s"
-    while job(str(out)) and time.monotonic() - sent < 120:
+    while job_processes(str(out)) and time.monotonic() - sent < 120:
         time.sleep(0.2)
     gone = time.monotonic() - sent
-    left = job(str(out))
+    left = job_processes(str(out))
     for p in left:
         p.kill()
     status = 128 - status if isinstance(status, int) and status < 0 else status

@@ -48,7 +48,7 @@ def tokenizer_and_data(workdir: Path):
 
     from ds_mlm.args import DataArguments
     from ds_mlm.distributed import env_info
-    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.data.prepare import prepare_datasets
 
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "vocab.json").exists():

@@ -17,6 +17,8 @@ from typing import List, Optional
 
 from ds_mlm.errors import UserError
 
+DISTRIBUTED_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default: a peer silent this long is lost
+
 ARCHITECTURES = ("roberta-tiny", "roberta-base", "roberta-large")
 DATASET_TYPES = ("MemmapConcatFullSentenceTextDataset", "MemmapLineByLineTextDataset")
 LONG_SENTENCE_POLICIES = ("split", "skip", "truncate")
@@ -158,7 +160,7 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Accepted for compatibility; samples are read zero-copy in the training process.")
     explicit_flags: frozenset = field(default=frozenset(), metadata={"help": None})  # set by parse_args, not a flag
     torch_compile: bool = arg(False, "Compile the encoder with torch.compile (inductor, GPU or CPU; batch widths padded to a multiple of 64 for fixed shapes); checkpoints, resume and exports are unchanged. The first steps are slow while it compiles.")
-    distributed_timeout_minutes: float = arg(10.0, "A collective or a wait on another process that gets no answer for this long ends the job with one line naming the peer that stopped answering (a hung host, a cut link); like Megatron's --distributed-timeout-minutes. Work done by one rank (hashing, checksums, an export) is waited for without this bound while that rank answers.")
+    distributed_timeout_minutes: float = arg(DISTRIBUTED_TIMEOUT_MINUTES, "A collective or a wait on another process that gets no answer for this long ends the job with one line naming the peer that stopped answering (a hung host, a cut link); like Megatron's --distributed-timeout-minutes. Work done by one rank (hashing, checksums, an export) is waited for without this bound while that rank answers.")
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s of one device, for the logged mfu (default: a table of GPUs' bf16/fp16 datasheet peaks; on CPU mfu is logged only with this flag).")
 
     def __post_init__(self):
@@ -188,7 +190,7 @@ class TrainingArguments:
             self.logging_dir = os.path.join(self.output_dir, "runs")
         if not self.distributed_timeout_minutes > 0:  # `not >` also refuses nan
             raise UserError(f"--distributed_timeout_minutes {self.distributed_timeout_minutes} must be a positive "
-                            "number of minutes (default 10; e.g. 0.5 to notice a lost peer within 30 s)")
+                            f"number of minutes (default {DISTRIBUTED_TIMEOUT_MINUTES:g}; e.g. 0.5 to notice a lost peer within 30 s)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:  # `not >` also refuses nan
             raise UserError(f"--peak_tflops {self.peak_tflops} must be a positive number of TFLOP/s (e.g. 989.5 for an H100 SXM in bf16)")
 

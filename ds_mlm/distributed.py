@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from ds_mlm import errors
+from ds_mlm.args import DISTRIBUTED_TIMEOUT_MINUTES
 from ds_mlm.errors import UserError
 from ds_mlm.peers import Peers
 
-DEFAULT_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default: a peer silent this long is lost
 DEFAULT_PORT = "29500"  # torch's and DeepSpeed's default: the same on every node without being told
 JOB_SCHEDULER_ENV = {  # name: (rank, world size, local rank, local world size) variables of each process
     "OpenMPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -144,7 +144,7 @@ def share_cores(local_world_size: int) -> None:
     torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world_size, 1))  # else each takes every core
 
 
-def init(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
+def init(timeout_minutes: float = DISTRIBUTED_TIMEOUT_MINUTES) -> DistInfo:
     """Join the process group through DeepSpeed (any accelerator), once; a collective or store call that waits on a
     peer longer than `timeout_minutes` fails, and the line printed for it names the peer that stopped answering."""
     global _peers

@@ -70,13 +70,14 @@ def _zero0_masters(optimizer) -> dict:
     return masters
 
 
-def gather_fp32_state_dict(engine) -> dict:
-    """name -> full fp32 CPU tensor of every parameter and buffer. Collective under ZeRO: call on every rank."""
+def gather_fp32_state_dict(engine, dist: distributed.DistInfo) -> dict:
+    """name -> full fp32 CPU tensor of every parameter and buffer (rank 0's dict; the others' hold the buffers only).
+    Collective under ZeRO: call on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param
     from deepspeed.runtime.zero import GatheredParameters
 
     masters = _zero0_masters(engine.optimizer)
-    keep = not distributed.initialized() or torch.distributed.get_rank() == 0  # only rank 0 writes
+    keep = dist.rank == 0  # only rank 0 writes
     out = {}
     for name, p in engine.module.named_parameters():  # the same order on every rank
         full = safe_get_full_fp32_param(p)  # ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer): the fp32 partitions
@@ -243,11 +244,11 @@ def save_model_dir(model, tensors: dict, tokenizer, output_dir: str, intact: str
     return model_dir
 
 
-def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was changed",
+def export_model(engine, tokenizer, output_dir: str, dist: distributed.DistInfo, intact: str = "nothing was changed",
                  step: Optional[int] = None) -> str:
     """The run's final export: the engine's fp32 weights (at `step`) with the tokenizer. Call on every rank; rank 0
     writes. `intact`: what the one-line error of a failed write says is still good (the run's last checkpoint)."""
-    tensors = gather_fp32_state_dict(engine)
+    tensors = gather_fp32_state_dict(engine, dist)
     model_dir = os.path.join(output_dir, MODEL_DIR)
 
     def save():
@@ -264,13 +265,13 @@ def export_model(engine, tokenizer, output_dir: str, intact: str = "nothing was 
                  os.path.join(output_dir, TOKENIZER_DIR))
 
     # rank 0 writes; every rank says its error, and none waits for it inside a collective (a slow disk is no timeout)
-    distributed.decide(save)
+    dist.decide(save)
     return model_dir
 
 
 def _check_checkpoint(checkpoint_dir: str, force: bool) -> None:
     """A checkpoint cut short or damaged is one line, before anything is read at length."""
-    from ds_mlm.checkpointer import MARKER, damage, is_complete, readable_archive
+    from ds_mlm.checkpoint_files import MARKER, damage, is_complete, readable_archive
 
     if not is_complete(checkpoint_dir):
         if not force:
@@ -298,11 +299,11 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tokenizer_dir=None, 
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
         raise UserError(f"{checkpoint_dir} has no config.json: give a checkpoint-N directory written by ds-mlm")
     _check_checkpoint(checkpoint_dir, force)
-    from ds_mlm.checkpointer import step_of
+    from ds_mlm.checkpoint_files import step_of
 
     step = step_of(checkpoint_dir)
     for what in check_destination(output_dir, step if step >= 0 else None, force):
-        print(f"warning: --force: replacing {what}")
+        log.warning("--force: replacing %s", what)
     from ds_mlm.model import real_vocab_size, unpad_state_dict, unpadded_config
 
     config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)

@@ -15,7 +15,8 @@ import logging
 import sys
 
 FORMAT, DATEFMT = "%(asctime)s [ds_mlm] %(message)s", "%H:%M:%S"
-EVERY_RANK = ("ds_mlm.prepare", "ds_mlm.data.group")  # the build's shares and waits: news from every rank
+# the build's shares and waits: news from every rank
+EVERY_RANK = ("ds_mlm.data.prepare", "ds_mlm.data.ensure", "ds_mlm.data.group")
 
 
 def setup_logging(rank: int = 0, stream=None) -> None:

@@ -58,7 +58,7 @@ def run(model_args, data_args, train_args) -> int:
     from ds_mlm.export import check_destination, own_names
     from ds_mlm.model import count_parameters, resolve_config
     from ds_mlm.output import setup_logging
-    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.data.prepare import prepare_datasets
     from ds_mlm.tokenization import load_tokenizer
 
     # A build-only run in a world of one never pays for DeepSpeed; every other run joins the process group first.
@@ -173,7 +173,7 @@ def train(trainer, tokenizer, save_on_signal: bool) -> int:
     if outcome == "preempted" or stop.requested:  # saved, leaving; signals are ignored from here (signals.py)
         return EXIT_PREEMPTED
     last = os.path.join(plan.output_dir, f"checkpoint-{trainer.global_step}")
-    export_model(trainer.engine, tokenizer, plan.output_dir,
+    export_model(trainer.engine, tokenizer, plan.output_dir, dist,
                  intact=f"{last} is intact: free some space, then export it with python -m ds_mlm.export "
                         f"--checkpoint {last} --output_dir {plan.output_dir}", step=trainer.global_step)
     if trainer.eval_sets:

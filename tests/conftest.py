@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
     if signal.getsignal(_sig) is signal.SIG_IGN:
         signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
+from ds_mlm.distributed import free_port  # noqa: E402,F401 (the tests import it from here; after the settings above)
 
 
 def cpu_mixed_precision() -> str:
@@ -61,12 +62,6 @@ def restore_signal_handlers():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_bpe_tokenizer(out_dir: Path, vocab_size: int = 2000) -> Path:
@@ -273,3 +268,32 @@ def train(trainer):
 
     with StopOnSignal(False) as stop:
         return trainer.train(stop)
+
+
+def job_processes(marker: str) -> list:
+    """Every live process (psutil.Process) whose command line names `marker` (a test's own directory: no other job
+    matches)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()) \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture
+def no_leftovers(tmp_path):
+    """After the test, passed or failed, nothing naming its directory runs on (a failure leaves no job behind)."""
+    import psutil
+
+    yield tmp_path
+    for proc in job_processes(str(tmp_path)):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

@@ -9,14 +9,13 @@ small shard, whichever comes first), worker processes tokenize them (workers.py:
 number of workers), and each shard is packed on its own (blocks never straddle two input files or pieces; packing
 is streaming-exact, so chunk boundaries never change a byte) and published atomically the moment its last chunk is
 packed. At most 2 * num_workers + 2 chunks are in flight, so memory follows the chunk size, not the corpus. A build
-that is killed keeps every shard it finished: the next one builds only the others (`ensure_dataset`).
+that is killed keeps every shard it finished: the next one builds only the others.
 
-`ensure_dataset` makes a dataset (manifest.py) match its plan (plan.py) in one process: reuse the shards that are
-there and sound, build the missing or damaged ones, write the manifest. prepare.py spreads the same steps over
-the processes of a job.
+Which shards to build, by which process, and the manifest written after them: ensure.py (the one build policy).
 """
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -29,16 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ds_mlm.data import manifest as layout
+from ds_mlm.data.dataset_plan import DatasetPlan, ShardPlan
 from ds_mlm.data.packing import CONCAT, Packer, PackStats
-from ds_mlm.data.plan import DatasetPlan, ShardPlan
 from ds_mlm.data.spec import encode_lines, separator_id, special_ids
-from ds_mlm.data.store import StaleCacheError, StoreWriter, TokenStore
+from ds_mlm.data.store import StoreWriter
 from ds_mlm.data.text import LineReader, ReadStats
 from ds_mlm.data.workers import OrderedPool, WorkerDied
 from ds_mlm.errors import UserError
-
-# verify.py is also a command (python -m ds_mlm.data.verify): imported where used, so that running it does not find
-# it imported already by this package (runpy's warning)
 
 log = logging.getLogger(__name__)
 CHUNK_CHARS = 4 << 20  # a chunk also ends after this much text: 2500 lines of 1 MiB each would not fit in memory
@@ -182,7 +178,7 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
     state: Dict[str, object] = {"k": None, "packer": None, "writer": None}
     _TOKENIZER = tokenizer
     try:
-        with OrderedPool(_tokenize, workers) as pool:
+        with OrderedPool(_tokenize, workers) if shards else contextlib.nullcontext() as pool:  # none: no worker
             in_flight = collections.deque()
 
             def open_shard(k):
@@ -238,90 +234,3 @@ def build_shards(plan: DatasetPlan, dataset: str, shards: Sequence[ShardPlan], t
                        block_size=options.block_size, workers=workers, seconds=time.perf_counter() - started,
                        built=built, packing=options.packing if options.datasets_type == CONCAT else "line-by-line",
                        shard_stats=shard_stats)
-
-
-def present_shards(plan: DatasetPlan, dataset: str, verify: str = "once") -> List[str]:
-    """Names of the plan's shards that are in `dataset`, complete, of the right fingerprint and (as `verify` says)
-    match their checksums; a damaged one is one warning line, and is left out (so it is built again)."""
-    present = []
-    for shard in plan.shards:
-        try:
-            TokenStore(layout.shard_path(dataset, shard.name), expect_fingerprint=shard.fingerprint)
-            present.append(shard.name)
-        except StaleCacheError:
-            continue
-    from ds_mlm.data.verify import check_shards
-
-    for name, why in check_shards(dataset, present, verify):
-        log.warning("%s: rebuilding this shard", why)
-        present.remove(name)
-    return present
-
-
-def check_built(dataset: str, names: Sequence[str]) -> None:
-    """Read back the shards just built against their checksums (and remember it for this host)."""
-    from ds_mlm.data.verify import check_shards
-
-    damaged = check_shards(dataset, names, "always")
-    if damaged:
-        raise UserError(f"{damaged[0][1]}, right after it was written: the disk or file system of "
-                        f"--datasets_cache_dir loses data; check it, or choose another --datasets_cache_dir")
-
-
-def shard_counts(plan: DatasetPlan, dataset: str) -> dict:
-    """{name: (samples, tokens, data_crc32)} of every shard of the plan, from their headers (all must be there)."""
-    counts = {}
-    for shard in plan.shards:
-        store = TokenStore(layout.shard_path(dataset, shard.name), expect_fingerprint=shard.fingerprint)
-        counts[shard.name] = (len(store), store.num_tokens, store.data_crc32)
-    return counts
-
-
-def no_samples_error(plan: DatasetPlan, counts: dict, flag: str) -> Optional[UserError]:
-    """A UserError naming each source that holds no sample at all, or None."""
-    empty = [s.name for s in plan.sources if not sum(counts[sh.name][0] for sh in s.shards)]
-    if not empty:
-        return None
-    return UserError(f"no sample from {flag} {', '.join(empty)} (no text, or every line longer than a sample with "
-                     f"--long_sentence {plan.options.long_sentence}): add text to it")
-
-
-def manifest_is_current(plan: DatasetPlan, dataset: str, present: Sequence[str], verify: str = "once") -> bool:
-    """The manifest there is the plan's, every shard it names is `present` (sound), and so is its index."""
-    manifest = layout.read_manifest(dataset)
-    if manifest is None or manifest.get("fingerprint") != plan.fingerprint or len(present) != len(plan.shards):
-        return False
-    from ds_mlm.data.verify import check_index
-
-    why = check_index(dataset, manifest, verify)
-    if why:
-        log.warning("%s: writing it again", why)
-    return why is None
-
-
-def ensure_dataset(plan: DatasetPlan, dataset: str, tokenizer, num_workers: Optional[int] = None,
-                   chunk_size: int = 2500, overwrite: bool = False, verify: str = "once",
-                   flag: str = "the input") -> Optional[BuildReport]:
-    """Make the dataset at `dataset` match `plan` in this process; None when it already did."""
-    if chunk_size < 1:
-        raise UserError(f"chunk size {chunk_size} must be at least 1 line (--tokenize_chunksize)")
-    if num_workers is not None and num_workers < 1:
-        raise UserError(f"{num_workers} workers: use at least 1 (--preprocessing_num_workers)")
-    older = layout.check_replaceable(dataset)
-    if older:
-        log.info("%s: %s; building it again as one shard per input file (format 2)", dataset, older)
-    layout.remove_leftovers(dataset)
-    present = [] if overwrite else present_shards(plan, dataset, verify)
-    if not overwrite and manifest_is_current(plan, dataset, present, verify):
-        return None
-    missing = list({s.name: s for s in plan.shards if s.name not in present}.values())  # a file in 2 sources: once
-    os.makedirs(os.path.join(dataset, layout.SHARDS), exist_ok=True)
-    report = build_shards(plan, dataset, missing, tokenizer, num_workers, chunk_size)
-    check_built(dataset, report.built)
-    report.reused = len(present)
-    counts = shard_counts(plan, dataset)
-    error = no_samples_error(plan, counts, flag)
-    if error:
-        raise error
-    layout.finalize(plan, dataset, counts)
-    return report

@@ -1,4 +1,4 @@
-"""A source's files as one dataset (`DatasetSpec`, `ensure_store`, `open_store`), and the dataset classes of
+"""A source's files as one dataset (`DatasetSpec`, `ensure_store`), and the dataset classes of
 thai2transformers, by name and positional signature, over ds-mlm's sharded token datasets.
 
 Old code keeps working: `MemmapConcatFullSentenceTextDataset(tokenizer, file_path, block_size, datasets_cache_dir,
@@ -15,47 +15,39 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ds_mlm.data.build import BuildReport, ensure_dataset
-from ds_mlm.data.manifest import MANIFEST, ShardedStore, known_identities, read_manifest
+from ds_mlm.data.build import BuildReport
+from ds_mlm.data.dataset_plan import BuildOptions, DatasetPlan, plan_dataset
+from ds_mlm.data.ensure import ensure_dataset
+from ds_mlm.data.manifest import ShardedStore, known_identities, read_manifest
 from ds_mlm.data.packing import CONCAT, LINE_BY_LINE
-from ds_mlm.data.plan import PIECE_BYTES, BuildOptions, DatasetPlan, plan_dataset
-from ds_mlm.data.store import TokenStore
 from ds_mlm.errors import UserError
 
 PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
-@dataclass
+@dataclass(init=False)
 class DatasetSpec:
-    """The files of one source and how to build them; `plan()` and `fingerprint()` identify the dataset."""
+    """The files of one source and how to build them; `plan()` and `fingerprint()` identify the dataset.
 
-    files: Sequence[str]
-    """The input files, read in this order (list_text_files sorts them)."""
+    DatasetSpec(files, tokenizer, BuildOptions(128, packing="sequential")), or BuildOptions' own arguments in its
+    place: DatasetSpec(files, tokenizer, 128, packing="sequential")."""
+
+    files: List[str]
+    """The input files, read in this order (list_text_files sorts them); one path or a sequence of them."""
     tokenizer: Any
     """The tokenizer (see spec.py for what it must offer)."""
-    block_size: int
-    """Ids per sample at most, <s> and </s> included (--max_seq_length)."""
-    datasets_type: str = CONCAT
-    """MemmapConcatFullSentenceTextDataset (sentences packed into blocks) or MemmapLineByLineTextDataset."""
-    long_sentence: str = "split"
-    """A sentence longer than a block: split (nothing lost), skip (the ancestor) or truncate."""
-    text_field: str = "text"
-    """The field of JSONL and Parquet records that holds the text."""
-    piece_bytes: int = PIECE_BYTES
-    """Plain text files larger than this are built as several shards."""
-    packing: str = "best_fit"
-    """How sentences fill blocks: best_fit (within a window of consecutive sentences) or sequential (the ancestor)."""
+    options: BuildOptions
+    """How samples are made from the text (dataset_plan.py)."""
 
-    def __post_init__(self):
-        self.files = [os.fspath(p) for p in ([self.files] if isinstance(self.files, (str, os.PathLike))
-                                             else self.files)]
+    def __init__(self, files: PathOrPaths, tokenizer, options: Union[BuildOptions, int], *args, **kwargs):
+        self.files = [os.fspath(p) for p in ([files] if isinstance(files, (str, os.PathLike)) else files)]
         if not self.files:
             raise UserError("no input text file given: add *.txt files to the data directory")
         for path in self.files:
             if not os.path.isfile(path):
                 raise UserError(f"{path}: no such file; give existing text files")
-        self.options = BuildOptions(self.block_size, self.datasets_type, self.long_sentence, self.text_field,
-                                    self.piece_bytes, self.packing)
+        self.tokenizer = tokenizer
+        self.options = options if isinstance(options, BuildOptions) else BuildOptions(options, *args, **kwargs)
 
     def plan(self, known: Optional[dict] = None) -> DatasetPlan:
         """One source, named after the directory of the first file."""
@@ -81,13 +73,6 @@ def build_store(spec: DatasetSpec, path: str, num_workers: Optional[int] = None,
     return ensure_store(spec, path, num_workers, chunk_size, overwrite=True)
 
 
-def open_store(path: str, expect_fingerprint: Optional[str] = None):
-    """The dataset at `path` (a ShardedStore), or the single store there (a TokenStore: one shard)."""
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        return ShardedStore(path, expect_fingerprint)
-    return TokenStore(path, expect_fingerprint)
-
-
 class _BuiltStore(ShardedStore):
     """A token dataset built (or reused, when its inputs are unchanged) when the dataset is constructed."""
 
@@ -96,8 +81,8 @@ class _BuiltStore(ShardedStore):
     def __init__(self, tokenizer, file_path: PathOrPaths, block_size: int, datasets_cache_dir: Optional[str] = None,
                  chunk_size: int = 2500, overwrite_cache: bool = False, long_sentence: str = "split",
                  num_workers: Optional[int] = None, packing: str = "best_fit"):
-        spec = DatasetSpec(files=file_path, tokenizer=tokenizer, block_size=block_size,
-                           datasets_type=self.datasets_type, long_sentence=long_sentence, packing=packing)
+        spec = DatasetSpec(file_path, tokenizer, BuildOptions(block_size, self.datasets_type, long_sentence,
+                                                              packing=packing))
         if datasets_cache_dir is None:  # beside the first file, one dataset per type and block size
             first = os.path.abspath(spec.files[0])
             datasets_cache_dir = os.path.join(os.path.dirname(first), ".ds_mlm_cache",

@@ -3,10 +3,10 @@
     DATASET/                          one per split: CACHE_DIR/train, CACHE_DIR/validation
       manifest.json                   written last, atomically; names only complete shards
       index-<16 hex>.bin              int64 offsets of every sample over the shards' tokens laid end to end
-      shards/<name>/data.bin,data.idx one token store per input file or piece (store.py; names: plan.py)
+      shards/<name>/data.bin,data.idx one token store per input file or piece (store.py; names: dataset_plan.py)
       .verified/<host>.json           shards this host has checked against their checksums (verify.py)
 
-manifest.json: {"format": "ds-mlm dataset", "version": 2, "fingerprint" (the dataset's, plan.py), "options",
+manifest.json: {"format": "ds-mlm dataset", "version": 2, "fingerprint" (the dataset's, dataset_plan.py), "options",
 "tokenizer", "dtype", "samples", "tokens", "index", "index_crc32", "sources": [{"name", "files", "samples",
 "tokens", "shards": [{"name", "file", "piece", "range", "fingerprint", "samples", "tokens", "data_crc32",
 "identity"}]}]}. The index holds n_samples + 1 offsets: sample i is the tokens [index[i], index[i + 1]) of that
@@ -34,7 +34,8 @@ from numba import njit
 
 from ds_mlm import atomic
 from ds_mlm.data.region import Region, page_aligned_places
-from ds_mlm.data.store import DATA, FORMAT_VERSION, HEADER_BYTES, INDEX, StaleCacheError, _map, file_crc32
+from ds_mlm.data.store import (DATA, FORMAT_VERSION, HEADER_BYTES, INDEX, StaleCacheError, file_crc32,
+                               map_array)
 from ds_mlm.errors import UserError
 
 MANIFEST, SHARDS, STAMPS = "manifest.json", "shards", ".verified"
@@ -57,7 +58,7 @@ def read_manifest(dataset: str) -> Optional[dict]:
 
 
 def known_identities(manifest: Optional[dict]) -> dict:
-    """{input path: identity} recorded by a manifest (plan.py reuses their content hashes)."""
+    """{input path: identity} recorded by a manifest (dataset_plan.py reuses their content hashes)."""
     if not manifest:
         return {}
     return {s["identity"]["path"]: s["identity"] for src in manifest.get("sources", []) for s in src["shards"]
@@ -95,7 +96,7 @@ def finalize(plan, dataset: str, counts: dict) -> dict:
                 entries = []
                 for shard in source.shards:
                     samples, tokens, data_crc = counts[shard.name]
-                    offsets = _map(os.path.join(shard_path(dataset, shard.name), INDEX), HEADER_BYTES,
+                    offsets = map_array(os.path.join(shard_path(dataset, shard.name), INDEX), HEADER_BYTES,
                                    np.dtype("<i8"), samples + 1)
                     chunk = (offsets[1:] + base).astype("<i8").tobytes()
                     out.write(chunk)
@@ -200,7 +201,7 @@ class ShardedStore(torch.utils.data.Dataset):
         index = os.path.join(path, manifest["index"])
         if not os.path.isfile(index) or os.path.getsize(index) != 8 * (manifest["samples"] + 1):
             raise StaleCacheError(f"{path}: its index {manifest['index']} is missing or incomplete")
-        self._index = _map(index, 0, np.dtype("<i8"), manifest["samples"] + 1)
+        self._index = map_array(index, 0, np.dtype("<i8"), manifest["samples"] + 1)
         self.num_tokens = int(self._index[self._hi] - self._index[self._lo])
         # The shards side by side in one array (region.py); a sample's place there is its offset in the index
         # shifted by its shard's: places (page-aligned) minus the tokens of the shards before it.
@@ -272,3 +273,9 @@ class ShardedStore(torch.utils.data.Dataset):
 
     def __setstate__(self, state):
         ShardedStore.__init__(self, state["path"], expect_fingerprint=state["fingerprint"], source=state["source"])
+
+
+def open_store(path: str, expect_fingerprint: Optional[str] = None) -> ShardedStore:
+    """The complete dataset at `path`, every source; StaleCacheError when it cannot be used (see ShardedStore).
+    One shard of it alone is a store.TokenStore."""
+    return ShardedStore(path, expect_fingerprint)

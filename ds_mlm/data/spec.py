@@ -2,8 +2,8 @@
 
 An input file's fingerprint: absolute path, size, mtime_ns, and a sha256 of its whole content. A tokenizer's:
 class, vocabulary, special and added tokens, the Rust backend's full definition when it has one, and the ids it
-gives for a probe text mixing Thai, English, spaces and line breaks. plan.py combines them with the build options
-into each shard's fingerprint; a shard whose recorded fingerprint differs is rebuilt.
+gives for a probe text mixing Thai, English, spaces and line breaks. dataset_plan.py combines them with the build
+options into each shard's fingerprint; a shard whose recorded fingerprint differs is rebuilt.
 
 The tokenizer protocol: `len(tokenizer)`, `get_vocab()`, `bos_token_id`, `eos_token_id`, and one way to encode a
 batch of lines without special tokens, tried in this order: `batch_encode_ids(lines)` (ds-mlm's own tokenizers),
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # An input file's content hash is a sha256 of ALL its bytes: a hash of windows of a large file (as before) missed an
 # in-place edit between them, once the file's times were put back. It is computed only when the file's stat
-# signals (size, mtime, ctime, inode, device) differ from those recorded with the hash (plan.py), so an unchanged
-# corpus costs a stat per file. sha256 read ~1.4 GB/s on a quiet core here (bench/fingerprint.py measures it).
+# signals (size, mtime, ctime, inode, device) differ from those recorded with the hash (dataset_plan.py), so an
+# unchanged corpus costs a stat per file. sha256 read ~1.4 GB/s on a quiet core here (bench/fingerprint.py measures it).
 HASH_READ_BYTES = 1 << 20
 PROBE_LINES = ["สวัสดีครับ ประเทศไทย  2567", "Hello, world!  Tabs\tand  spaces.",
                "ภาษาไทย mixed with English\nnext line", "  leading and trailing  ",

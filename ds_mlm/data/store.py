@@ -13,7 +13,7 @@ A store is a directory with two files (the layout of Megatron-core's indexed dat
       bytes per id (uint32)           12     4    2 (uint16) or 4 (uint32)
       n_samples (uint64)              16     8
       n_tokens (uint64)               24     8
-      fingerprint (ASCII)             32    64    sha256 hex of what the store was built from (plan.py)
+      fingerprint (ASCII)             32    64    sha256 hex of what the store was built from (dataset_plan.py)
       crc32 of data.bin (uint32)      96     4    the token data's checksum (verify.py checks it)
       crc32 of the offsets (uint32)  100     4    of the int64 offsets that follow the header
       crc32 of bytes 0..103 (uint32) 104     4    a damaged header is detected at every open
@@ -67,7 +67,7 @@ def store_dtype(vocab_size: int) -> np.dtype:
     return _DTYPES[2] if vocab_size <= 1 << 16 else _DTYPES[4]
 
 
-def _map(path: str, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
+def map_array(path: str, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
     """A read-only array over `count` items of a file from byte `offset`, without reading them."""
     if count == 0:
         return np.zeros(0, dtype=dtype)  # mmap cannot map an empty range
@@ -107,8 +107,8 @@ class TokenStore(torch.utils.data.Dataset):
                                   f"expected {expect_fingerprint[:12]})")
         self.dtype = _DTYPES[itemsize]
         self.num_tokens = n_tokens
-        self._offsets = _map(index_path, HEADER_BYTES, np.dtype("<i8"), n_samples + 1)
-        self._tokens = _map(data_path, 0, self.dtype, n_tokens)
+        self._offsets = map_array(index_path, HEADER_BYTES, np.dtype("<i8"), n_samples + 1)
+        self._tokens = map_array(data_path, 0, self.dtype, n_tokens)
         if self._offsets[0] != 0 or self._offsets[-1] != n_tokens:
             raise StaleCacheError(f"{index_path}: offsets do not span data.bin (a damaged store)")
 
@@ -149,11 +149,6 @@ class TokenStore(torch.utils.data.Dataset):
 
     def __setstate__(self, state):
         TokenStore.__init__(self, state["path"], expect_fingerprint=state["fingerprint"])  # not a subclass's builder
-
-
-def open_store(path: str, expect_fingerprint: Optional[str] = None) -> TokenStore:
-    """Open the complete store at `path`; StaleCacheError when it cannot be used (see TokenStore)."""
-    return TokenStore(path, expect_fingerprint)
 
 
 def file_crc32(path: str, offset: int = 0) -> int:

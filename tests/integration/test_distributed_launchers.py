@@ -28,7 +28,8 @@ import sys
 import time
 
 sys.path.insert(0, {repo!r})
-from ds_mlm import metrics, prepare, run_mlm
+from ds_mlm import metrics, run_mlm
+from ds_mlm.data import ensure
 
 summary = metrics.Window.summary
 logged = []
@@ -51,7 +52,7 @@ def dying_build(*args, **kwargs):
 
 metrics.Window.summary = spy
 if os.environ.get("DIE_IN_BUILD") and os.environ["RANK"] == "0":
-    prepare.build_shards = dying_build  # rank 0's share of the shards
+    ensure.build_shards = dying_build  # rank 0's share of the shards
 run_mlm.cli_main()
 '''
 

@@ -197,7 +197,7 @@ def test_export_over_a_directory_with_a_users_file(four_steps, tmp_path):
         "them; move them away or choose another --output_dir (or pass --force to replace the directory)"]
     assert digest(dest) == {f"{MODEL_DIR}/notes.txt": hashlib.sha1(b"my notes").hexdigest()}  # nothing lost or added
     forced = run(export_cmd(out / "checkpoint-4", dest, "--force"))
-    assert f"warning: --force: replacing {dest / MODEL_DIR} holds 1 file(s) that no export wrote (notes.txt)" \
+    assert f"--force: replacing {dest / MODEL_DIR} holds 1 file(s) that no export wrote (notes.txt)" \
         in forced.stdout
     assert read_marker(dest / MODEL_DIR)["step"] == 4 and not (dest / MODEL_DIR / "notes.txt").exists()
 

@@ -24,6 +24,7 @@ import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
 from ds_mlm import checkpointer
+from ds_mlm.checkpoint_files import MARKER
 
 target = os.sep + "checkpoint-{step}" + os.sep
 where = {where!r}
@@ -39,7 +40,7 @@ if where == "inside DeepSpeed's save":  # part of a state file written, then SIG
 else:  # every file written, SIGKILL just before the COMPLETE marker
     real_write = checkpointer.atomic.write_text
     def write(path, text):
-        if target in path and path.endswith(checkpointer.MARKER):
+        if target in path and path.endswith(MARKER):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_write(path, text)
     checkpointer.atomic.write_text = write

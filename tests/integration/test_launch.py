@@ -113,8 +113,13 @@ def test_two_nodes_through_launch_sh_share_one_cache_built_once(tmp_path, bpe_to
 @pytest.mark.slow
 def test_torchrun_through_launch_sh_builds_the_cache_once(tmp_path, bpe_tokenizer_dir, small_corpus):
     env = job_env(tmp_path, bpe_tokenizer_dir, small_corpus, LAUNCHER="torchrun", N_GPUS_PER_NODE="2",
-                  MASTER_PORT=str(free_port()))
-    proc = launch(env)
+                  MASTER_PORT=str(free_port()), PROJECT_DEMO_DIR=str(tmp_path / "demo"))
+    # the directories as the ancestor's flags, not PROJECT_* variables: still the user's job, not the demo
+    flags = [(env.pop(var), flag)[::-1] for var, flag in (("PROJECT_TRAIN_DIR", "--train_dir"),
+             ("PROJECT_TOKENIZER", "--tokenizer_name_or_path"), ("PROJECT_OUTPUT_DIR", "--output_dir"),
+             ("PROJECT_CACHE_DIR", "--datasets_cache_dir"))]
+    proc = launch(env, *[x for pair in flags for x in pair])
+    assert not (tmp_path / "demo").exists() and "train_tokenizer" not in proc.stdout
     assert "-m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" in proc.stdout
     assert "x 2 processes" in proc.stdout
     assert proc.stdout.count("train: built") == 1 and "rank 1: waiting for dataset build" in proc.stdout

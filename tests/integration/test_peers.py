@@ -16,9 +16,10 @@ from integration.test_distributed_launchers import PYTHON, TINY, finish, start
 pytestmark = pytest.mark.slow
 SPY = '''import os, signal, sys
 sys.path.insert(0, {repo!r})
-from ds_mlm import metrics, prepare, run_mlm
+from ds_mlm import metrics, run_mlm
+from ds_mlm.data import ensure
 
-summary, build, logged = metrics.Window.summary, prepare.build_shards, []
+summary, build, logged = metrics.Window.summary, ensure.build_shards, []
 
 
 def spy(self, *args, **kwargs):
@@ -35,7 +36,7 @@ def stuck_build(*args, **kwargs):
 
 metrics.Window.summary = spy
 if os.environ.get("STOP_IN_BUILD") and os.environ["RANK"] == "1":
-    prepare.build_shards = stuck_build
+    ensure.build_shards = stuck_build
 run_mlm.cli_main()
 '''
 TIMEOUT_MINUTES = 0.25  # 15 s: what each test waits out; the ranks of two launchers started side by side meet

@@ -27,10 +27,10 @@ process tokenizes; a share is built only once the file $HOLD_UNTIL exists; $SLOW
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import ds_mlm.data.build as build
-import ds_mlm.prepare as prepare
+import ds_mlm.data.ensure as ensure
 from ds_mlm.trainer import Trainer
 
-real_build_shards, real_tokenize, real_init = prepare.build_shards, build._tokenize, Trainer.__init__
+real_build_shards, real_tokenize, real_init = ensure.build_shards, build._tokenize, Trainer.__init__
 
 
 def recorded(plan, dataset, shards, *args, **kwargs):
@@ -57,7 +57,7 @@ def init_with_killing(self, *args, **kwargs):
     self.on_log.append(killing)
 
 
-prepare.build_shards, build._tokenize, Trainer.__init__ = recorded, slow_tokenize, init_with_killing
+ensure.build_shards, build._tokenize, Trainer.__init__ = recorded, slow_tokenize, init_with_killing
 from ds_mlm.run_mlm import cli_main
 cli_main()
 '''
@@ -97,10 +97,10 @@ def test_sources_weights_and_eval_sets_in_one_process(tmp_path, world_of_one, bp
                                                       monkeypatch):
     from transformers import AutoTokenizer
 
-    from ds_mlm import prepare
-    from ds_mlm.data import plan as data_plan
+    from ds_mlm.data import prepare
+    from ds_mlm.data import dataset_plan as data_plan
     from ds_mlm.data.mixture import Mixture
-    from ds_mlm.prepare import prepare_datasets
+    from ds_mlm.data.prepare import prepare_datasets
 
     hashed = []  # the tokenizer's fingerprint serialises the whole tokenizer: once per build, not once per split
     real_fingerprint = data_plan.tokenizer_fingerprint

@@ -87,30 +87,6 @@ sys.exit(max(agent.wait(), 0))
 '''
 
 
-def job_processes(marker: str) -> list:
-    """Every live process whose command line names `marker` (a test's own directory: no other job matches)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()) \
-                    and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-@pytest.fixture
-def no_leftovers(tmp_path):
-    """After the test, passed or failed, nothing naming its directory runs on (a failure leaves no job behind)."""
-    yield tmp_path
-    for proc in job_processes(str(tmp_path)):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
 @pytest.fixture
 def stand_in(no_leftovers):
     for name, text in (("rank.py", RANK), ("fake_agent.py", AGENT), ("runner.py", RUNNER)):

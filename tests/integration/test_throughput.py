@@ -69,7 +69,7 @@ def test_padded_training_exports_exactly_the_tokenizers_rows(tmp_path, data, wor
     saved = json.loads((tmp_path / "out" / "checkpoint-2" / "config.json").read_text())
     assert (saved["vocab_size"], saved["unpadded_vocab_size"]) == (2048, 2000)  # the tensors' shapes, the real ids
 
-    live = export_model(trainer.engine, tokenizer, str(tmp_path / "live"))
+    live = export_model(trainer.engine, tokenizer, str(tmp_path / "live"), trainer.dist)
     from_checkpoint = export_checkpoint(str(tmp_path / "out" / "checkpoint-2"), str(tmp_path / "ckpt"))
     ids = torch.randint(5, 2000, (2, 24))
     trainer.engine.eval()

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from ds_mlm import distributed, prepare
+from ds_mlm import distributed
+from ds_mlm.data import prepare
 from ds_mlm.distributed import DistInfo, env_info, fill_rendezvous_env
 from ds_mlm.errors import UserError
 

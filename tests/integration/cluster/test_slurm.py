@@ -189,7 +189,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, jobs,
     text = log.read_text(errors="replace")
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-4000:]
     assert "pretrain.sbatch: SIGUSR1: passing it to the job step" in text
-    stopped = re.search(r"stopped by SIGUSR1 at step (\d+), saved in checkpoint-\1", text)
+    # Slurm signals every process of the step: a rank that finds its (killed) launcher gone before its own pending
+    # SIGUSR1 is handled says so instead (the frozen ranks see both at once); either way it saves the step reached
+    stopped = re.search(r"stopped by (?:SIGUSR1|its launcher's end) at step (\d+), saved in checkpoint-\1", text)
     assert stopped, text[-4000:]
     assert f"requeueing job {job} to resume from its checkpoint" in text
     assert "start 2 (SLURM_RESTART_COUNT=1)" in text

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_mlm.data.packing import BEST_FIT_WINDOW, CONCAT, LINE_BY_LINE, Packer, pack_full_sentences, pack_lines
+from ds_mlm.data.packing import (BEST_FIT_WINDOW, CONCAT, LINE_BY_LINE, MAX_WINDOW, Packer, pack_full_sentences,
+                                 pack_lines)
+from ds_mlm.data.packing_kernels import copy_ids
 
 BOS, EOS, SEP = 0, 2, 4
 
@@ -136,6 +138,8 @@ def test_bad_arguments_are_refused():
         Packer(CONCAT, 8, BOS, EOS, SEP, packing="first_fit")
     with pytest.raises(ValueError):
         Packer(CONCAT, 8, BOS, EOS, SEP, window=0)
+    with pytest.raises(ValueError, match="between 1 and"):
+        Packer(CONCAT, 8, BOS, EOS, SEP, window=MAX_WINDOW + 1)
     with pytest.raises(ValueError):
         Packer(CONCAT, 8, BOS, EOS, SEP).feed(np.arange(3), np.array([0, 2, 1, 3]))
 
@@ -310,3 +314,32 @@ def test_best_fit_fills_blocks_sequential_leaves_half_empty_and_is_deterministic
         assert stats.tokens == int(lengths.sum()) and stats.dropped_tokens == 0
     assert fill["sequential"] < 0.9 < 0.98 < fill["best_fit"]
     assert BEST_FIT_WINDOW >= 1024
+
+
+@pytest.mark.parametrize("window, block_size, policy", [(64, 32, "split"), (7, 128, "skip"), (300, 16, "truncate")])
+def test_best_fit_over_many_calls_equals_the_reference(window, block_size, policy):
+    # Long streams in uneven chunks: the window's rows are reused many times over and the ids kept between calls
+    # grow, then wrap around their ring, again and again (the hypothesis tests above are too short for that).
+    rng = np.random.default_rng(window)
+    lengths = np.clip(rng.lognormal(2.5, 1.0, 1500), 0, 3 * block_size).astype(int)
+    sentences = [rng.integers(5, 60000, n).tolist() for n in lengths]
+    tokens, offsets = flat(sentences)
+    packer = Packer(CONCAT, block_size, BOS, EOS, SEP, policy, np.uint16, "best_fit", window)
+    got, a = [], 0
+    while a < len(sentences):
+        b = min(len(sentences), a + int(rng.integers(0, 2 * window)))
+        got += as_lists(*packer.feed(tokens, offsets[a:b + 1]))  # offsets into the whole array, as bench does
+        a = b
+    got += as_lists(*packer.finish())
+    assert got == reference_best_fit(sentences, block_size, policy, window)[0]
+
+
+def test_the_id_copy_refuses_to_write_or_read_out_of_bounds():
+    # copy_ids is a raw memcpy: its bounds check is all that stands between a wrong offset and corrupted memory
+    dst, src = np.zeros(4, dtype=np.uint16), np.arange(6, dtype=np.uint16)
+    copy_ids(dst, 1, src, 2, 3)
+    assert dst.tolist() == [0, 2, 3, 4]
+    for d, s, m in ((2, 0, 3), (0, 4, 3), (-1, 0, 1)):
+        with pytest.raises(IndexError):
+            copy_ids(dst, d, src, s, m)
+    assert dst.tolist() == [0, 2, 3, 4]

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import ds_mlm.data.build as build
+import ds_mlm.data.ensure as ensure
 from ds_mlm.data import DatasetSpec, ShardedStore, ensure_store, list_input_files, open_store
 from ds_mlm.data.manifest import MANIFEST, SHARDS, read_manifest
-from ds_mlm.data.store import DATA, HEADER_BYTES, INDEX, StoreWriter
+from ds_mlm.data.store import DATA, HEADER_BYTES, INDEX, StoreWriter, TokenStore
 from ds_mlm.data.verify import main as verify_main
 
 from conftest import REPO, SAMPLE
@@ -42,13 +42,13 @@ def write_corpus(root, n_files=5, lines=120):
 def tokenized(monkeypatch):
     """The shard names each build tokenizes, recorded from build_shards."""
     calls = []
-    real = build.build_shards
+    real = ensure.build_shards
 
     def spy(plan, dataset, shards, *args, **kwargs):
         calls.append(sorted(s.name for s in shards))
         return real(plan, dataset, shards, *args, **kwargs)
 
-    monkeypatch.setattr(build, "build_shards", spy)
+    monkeypatch.setattr(ensure, "build_shards", spy)
     return calls
 
 
@@ -175,7 +175,7 @@ def test_reads_across_many_shards_equal_the_shards_read_one_by_one(tmp_path):
     expected = []
     for src in read_manifest(path)["sources"]:
         for shard in src["shards"]:
-            one = open_store(os.path.join(path, SHARDS, shard["name"]))
+            one = TokenStore(os.path.join(path, SHARDS, shard["name"]))
             expected += [one[i].tolist() for i in range(len(one))]
     assert len(store) == len(expected) and store.num_tokens == sum(map(len, expected))
     picks = rng.integers(-len(store), len(store), size=500).tolist()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ds_mlm.data.store import (DATA, HEADER_BYTES, INDEX, DamagedStore, StaleCacheError, StoreWriter, file_crc32,
-                               open_store, remove_dead_leftovers, store_dtype)
+from ds_mlm.data.store import (DATA, HEADER_BYTES, INDEX, DamagedStore, StaleCacheError, StoreWriter, TokenStore,
+                               file_crc32, remove_dead_leftovers, store_dtype)
 from ds_mlm.errors import UserError
 
 FINGERPRINT = "ab" * 32
@@ -40,7 +40,7 @@ def test_round_trip_is_exact(tmp_path, vocab_size):
     chunks = [random_blocks(rng, n, vocab_size) for n in (5, 0, 17, 1)]
     expected = [t[a:b] for t, o in chunks for a, b in zip(o[:-1], o[1:])]
     write_store(tmp_path / "s", dtype, chunks)
-    store = open_store(str(tmp_path / "s"), expect_fingerprint=FINGERPRINT)
+    store = TokenStore(str(tmp_path / "s"), expect_fingerprint=FINGERPRINT)
     assert len(store) == len(expected) and store.dtype == dtype and store.fingerprint == FINGERPRINT
     assert store.num_tokens == sum(map(len, expected))
     for i, sample in enumerate(expected):
@@ -61,7 +61,7 @@ def test_round_trip_is_exact(tmp_path, vocab_size):
 
 def test_an_empty_store_opens(tmp_path):
     write_store(tmp_path / "s", np.uint16, [])
-    store = open_store(str(tmp_path / "s"))
+    store = TokenStore(str(tmp_path / "s"))
     assert len(store) == 0 and store.__getitems__([]) == []
 
 
@@ -69,7 +69,7 @@ def test_the_dataloader_reads_batches_through_getitems(tmp_path):
     rng = np.random.default_rng(0)
     tokens, offsets = random_blocks(rng, 30, 1000)
     write_store(tmp_path / "s", np.uint16, [(tokens, offsets)])
-    store = open_store(str(tmp_path / "s"))
+    store = TokenStore(str(tmp_path / "s"))
     sampler = torch.utils.data.BatchSampler(range(30), batch_size=7, drop_last=False)
     loader = torch.utils.data.DataLoader(store, batch_sampler=sampler, collate_fn=lambda samples: samples)
     got = [s.tolist() for batch in loader for s in batch]
@@ -106,18 +106,18 @@ def rewrite_header(path, **changes):
 def test_unusable_stores_are_detected(tmp_path, damage, message):
     tokens, offsets = np.arange(12), np.array([0, 5, 12])
     write_store(tmp_path / "s", np.uint16, [(tokens, offsets)])
-    open_store(str(tmp_path / "s"))
+    TokenStore(str(tmp_path / "s"))
     damage(tmp_path / "s")
     with pytest.raises(StaleCacheError, match=message):
-        open_store(str(tmp_path / "s"))
+        TokenStore(str(tmp_path / "s"))
 
 
 def test_another_fingerprint_is_stale_and_a_missing_store_too(tmp_path):
     write_store(tmp_path / "s", np.uint16, [(np.arange(3), np.array([0, 3]))])
     with pytest.raises(StaleCacheError, match="other inputs"):
-        open_store(str(tmp_path / "s"), expect_fingerprint="cd" * 32)
+        TokenStore(str(tmp_path / "s"), expect_fingerprint="cd" * 32)
     with pytest.raises(StaleCacheError):
-        open_store(str(tmp_path / "nothing"))
+        TokenStore(str(tmp_path / "nothing"))
 
 
 def test_an_aborted_write_leaves_nothing_and_the_old_store_stays(tmp_path):
@@ -127,7 +127,7 @@ def test_an_aborted_write_leaves_nothing_and_the_old_store_stays(tmp_path):
             writer.append(np.arange(10), np.array([0, 10]))
             raise RuntimeError("interrupted")
     assert sorted(os.listdir(tmp_path)) == ["s"]
-    assert open_store(str(tmp_path / "s")).fingerprint == FINGERPRINT
+    assert TokenStore(str(tmp_path / "s")).fingerprint == FINGERPRINT
 
 
 def test_a_directory_that_is_not_a_store_is_never_replaced(tmp_path):
@@ -154,7 +154,7 @@ def test_the_header_records_the_checksums_of_the_data_and_verify_catches_flipped
     rng = np.random.default_rng(7)
     chunks = [random_blocks(rng, 400, 2000) for _ in range(3)]
     write_store(tmp_path / "s", np.uint16, chunks)
-    store = open_store(str(tmp_path / "s"))
+    store = TokenStore(str(tmp_path / "s"))
     assert store.data_crc32 == zlib.crc32((tmp_path / "s" / DATA).read_bytes())
     assert store.offsets_crc32 == zlib.crc32((tmp_path / "s" / INDEX).read_bytes()[HEADER_BYTES:])
     assert file_crc32(str(tmp_path / "s" / DATA)) == store.data_crc32
@@ -163,7 +163,7 @@ def test_the_header_records_the_checksums_of_the_data_and_verify_catches_flipped
     middle = len(data) // 2
     data[middle:middle + 4096] = bytes(b ^ 0x01 for b in data[middle:middle + 4096])  # ids stay in the vocabulary
     (tmp_path / "s" / DATA).write_bytes(bytes(data))
-    damaged = open_store(str(tmp_path / "s"))  # opening stays cheap: sizes and header only
+    damaged = TokenStore(str(tmp_path / "s"))  # opening stays cheap: sizes and header only
     with pytest.raises(DamagedStore, match=r"s/data.bin: the token data are damaged \(crc32 [0-9a-f]{8}, written as"):
         damaged.verify()
     write_store(tmp_path / "t", np.uint16, chunks)
@@ -171,4 +171,4 @@ def test_the_header_records_the_checksums_of_the_data_and_verify_catches_flipped
     index[HEADER_BYTES + 8 * 600] ^= 0x04  # a middle offset: the spans stay inside data.bin
     (tmp_path / "t" / INDEX).write_bytes(bytes(index))
     with pytest.raises(DamagedStore, match="t/data.idx: the token data are damaged"):
-        open_store(str(tmp_path / "t")).verify()
+        TokenStore(str(tmp_path / "t")).verify()

@@ -3,15 +3,15 @@
 Each split (train: every --train_dir; validation: every --eval_dir) is one sharded dataset in --datasets_cache_dir
 (ds_mlm/data/manifest.py), one shard per input file. Preparing them:
 
-1. Plans (data/plan.py): the first rank of each node lists and fingerprints the inputs (once per node: hashing
+1. Plans (data/dataset_plan.py): the first rank of each node lists and fingerprints the inputs (once per node: hashing
    reads them) and shares them with its node; every rank compares the plans' fingerprints with everyone's: nodes
    that would train on other data stop the job with one line naming them.
 2. Groups: the processes that see one cache directory build it together. Its leader is global rank 0 when the
    cache is shared by all nodes, the first rank of each node when it is node-local (`--cache_scope`; `auto` asks
    the file system, and also handles a directory shared by some nodes only).
-3. The leader takes the cache's lock (ds_mlm.lock.DirLock, waiting: a second job on the same cache waits, then
-   reuses what the first built), finds the shards that are there and sound, and deals the missing ones to the
-   group's processes, balanced by input size (plan.balance). Each builds its share with its own worker pool
+3. Each group runs the one build policy (data/ensure.py): the leader takes the cache's lock (a second job on the
+   same cache waits, then reuses what the first built), finds the shards that are there and sound, and deals the
+   missing ones to the group's processes, balanced by input size. Each builds its share with its own worker pool
    (the node's cores are shared among its processes); the leader writes the manifests once all said "done".
 4. Everyone opens the datasets read-only; the first rank of each node checks the checksums of the shards it has
    not checked yet (--verify_data, data/verify.py). The training set is a Mixture of the train sources
@@ -21,29 +21,23 @@ After step 2, every wait polls the job's rendezvous store (never a collective), 
 the process group's timeout and an error anywhere reaches every rank of the group as one line (data/group.py).
 """
 
-import dataclasses
-import json
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
 
 from ds_mlm import distributed, preflight
-from ds_mlm.data.build import build_shards, check_built, manifest_is_current, no_samples_error, present_shards, \
-    shard_counts
+from ds_mlm.data.dataset_plan import BuildOptions, plan_dataset
+from ds_mlm.data.ensure import ensure_datasets
 from ds_mlm.data.formats import distinct_sources, list_input_files
 from ds_mlm.data.group import BuildGroup
-from ds_mlm.data.manifest import (SHARDS, ShardedStore, check_replaceable, finalize, known_identities, read_manifest,
-                                  remove_leftovers)
+from ds_mlm.data.manifest import ShardedStore, check_replaceable, known_identities, read_manifest
 from ds_mlm.data.mixture import Mixture
-from ds_mlm.data.plan import BuildOptions, balance, plan_dataset
 from ds_mlm.data.spec import special_ids, tokenizer_fingerprint
 from ds_mlm.data.store import StaleCacheError
 from ds_mlm.data.verify import check_shards
-from ds_mlm.errors import Terminated, UserError
-from ds_mlm.lock import DirLock
+from ds_mlm.errors import UserError
 
 log = logging.getLogger(__name__)  # who builds and who waits is news from every rank (output.setup_logging)
 POLL_SECONDS = 1.0
@@ -59,13 +53,13 @@ def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
         return dist.first_rank_on_node
     # auto: the first rank of each node drops a uniquely named file; a rank's builder is the lowest rank whose file
     # it sees. A never-used name is in no NFS client's negative lookup cache, so "not seen" means "not shared".
-    probes = distributed.all_gather_object(uuid.uuid4().hex if dist.local_rank == 0 else None)
+    probes = dist.gather(uuid.uuid4().hex if dist.local_rank == 0 else None)
     paths = {rank: os.path.join(cache_dir, f".probe-{probe}") for rank, probe in enumerate(probes) if probe}
     if dist.local_rank == 0:
         open(paths[dist.rank], "w").close()
-    distributed.barrier()
+    dist.barrier()
     builder = min(rank for rank, path in paths.items() if os.path.exists(path))
-    distributed.barrier()
+    dist.barrier()
     if dist.local_rank == 0:
         os.remove(paths[dist.rank])
     return builder
@@ -73,7 +67,7 @@ def builder_rank(cache_dir: str, dist: distributed.DistInfo, scope: str) -> int:
 
 def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
     """Every rank must train on the same data: a one-line error naming the nodes whose inputs differ from node 0's."""
-    everyone = distributed.all_gather_object((dist.node_rank, socket.gethostname(), fingerprints))
+    everyone = dist.gather((dist.node_rank, socket.gethostname(), fingerprints))
     odd = sorted({f"node {node} ({host})" for node, host, fps in everyone if fps != everyone[0][2]})
     if odd:
         raise UserError(f"the training data differ between nodes: {', '.join(odd)} read other --train_dir/--eval_dir "
@@ -81,73 +75,10 @@ def check_same_inputs(fingerprints: dict, dist: distributed.DistInfo) -> None:
                         "(same paths, sizes and modification times: copy with rsync -a) and the same tokenizer")
 
 
-def _why(e: BaseException) -> str:
-    """One line saying how a process stopped."""
-    if isinstance(e, Terminated):
-        return f"was stopped by {signal.Signals(e.signum).name}"
-    if isinstance(e, KeyboardInterrupt):
-        return "was interrupted"
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _workers(data_args, dist) -> int:
     # every process of the node builds: they share its cores
     cores = len(os.sched_getaffinity(0))
     return data_args.preprocessing_num_workers or max(1, cores // max(dist.local_world_size, 1))
-
-
-def _build_share(plans, paths, share: dict, tokenizer, data_args, dist, group) -> None:
-    """Build this process's `share` ({split: [shard names]}) and read each back against its checksum."""
-    for path in paths.values():
-        remove_leftovers(path)  # of builds on this host that were killed (each host cleans its own)
-    for split, names in share.items():
-        if not names:
-            continue
-        wanted = set(names)
-        shards = [s for s in plans[split].shards if s.name in wanted]
-        os.makedirs(os.path.join(paths[split], SHARDS), exist_ok=True)
-        report = build_shards(plans[split], paths[split], shards, tokenizer, _workers(data_args, dist),
-                              data_args.tokenize_chunksize, beat=group.beat)
-        check_built(paths[split], report.built)
-        if dist.rank != group.leader:
-            log.info("rank %d: %s: tokenized %d shard(s) of %s (its share)\n%s", dist.rank, split,
-                     len(report.built), paths[split], report.format())
-        else:
-            group.own_reports[split] = report
-
-
-def _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group) -> None:
-    """Step 3 for the leader: lock, deal, build, wait, write the manifests (see the module docstring)."""
-    with DirLock(cache_dir, "dataset build", wait=True, flag="--datasets_cache_dir", idle=group.beat):
-        present = {split: [] if data_args.overwrite_cache else present_shards(plan, paths[split],
-                                                                               data_args.verify_data)
-                   for split, plan in plans.items()}
-        missing = list({f"{split}/{s.name}": dataclasses.replace(s, name=f"{split}/{s.name}")  # a file in two
-                        for split, plan in plans.items() for s in plan.shards  # sources is one shard
-                        if s.name not in present[split]}.values())
-        shares = {rank: {} for rank in group.members}
-        for rank, names in balance(missing, group.members).items():
-            for name in names:
-                split, shard = name.split("/", 1)
-                shares[rank].setdefault(split, []).append(shard)
-        group.say("plan", json.dumps({str(r): s for r, s in shares.items()}))
-        _build_share(plans, paths, shares[dist.rank], tokenizer, data_args, dist, group)
-        group.wait_for_members()
-        for split, plan in plans.items():
-            if not missing and manifest_is_current(plan, paths[split], present[split], data_args.verify_data):
-                log.info("rank %d: %s: reusing the token dataset in %s (its inputs are unchanged)", dist.rank, split,
-                         paths[split])
-                continue
-            counts = shard_counts(plan, paths[split])
-            error = no_samples_error(plan, counts, "--train_dir" if split == "train" else "--eval_dir")
-            if error:
-                raise error
-            finalize(plan, paths[split], counts)
-            built = sum(1 for s in missing if s.name.startswith(f"{split}/"))
-            report = group.own_reports.get(split)
-            log.info("rank %d: %s: built %s: %d shard(s) built by %d process(es), %d reused%s", dist.rank, split,
-                     paths[split], built, len(group.members), len(present[split]),
-                     f"\n{report.format()}" if report is not None else "")
 
 
 def _open(plan, path: str, data_args, dist, group) -> ShardedStore:
@@ -189,7 +120,8 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
                            packing=data_args.packing)
     preflight.writable_dir(cache_dir, "--datasets_cache_dir")  # a real write: its error says why
     paths = {split: os.path.join(cache_dir, split) for split in sources}
-    older = {split: check_replaceable(path) for split, path in paths.items()}  # a foreign directory: fail now
+    for path in paths.values():  # a foreign directory fails now, before hashing; the leader checks again, locked
+        check_replaceable(path)
     mine = None
     if dist.local_rank == 0:  # hashing the inputs reads them: once per node (its first rank), not once per process
         if tokenizer_id is None:  # hashed once for every split: it serialises the whole tokenizer
@@ -198,42 +130,28 @@ def prepare_datasets(data_args, tokenizer, dist: distributed.DistInfo, cache_dir
         mine = {split: plan_dataset(srcs, tokenizer, options, known_identities(read_manifest(paths[split])),
                                     tokenizer_id) for split, srcs in sources.items()}
     # through the store, not a collective: hashing a large corpus may take longer than --distributed_timeout_minutes
-    nodes = sorted(set(distributed.all_gather_object(dist.first_rank_on_node)))
+    nodes = sorted(set(dist.gather(dist.first_rank_on_node)))
     plans = distributed.gather_from("plans", mine, nodes, "the first rank of each node to fingerprint the inputs")[
         dist.first_rank_on_node]
     check_same_inputs({split: plan.fingerprint for split, plan in plans.items()}, dist)
     leader = builder_rank(cache_dir, dist, data_args.cache_scope)
-    members = [rank for rank, lead in enumerate(distributed.all_gather_object(leader)) if lead == leader]
-    group = BuildGroup(leader, members, dist, distributed.job_store(), " and ".join(sources),
+    members = [rank for rank, lead in enumerate(dist.gather(leader)) if lead == leader]
+    group = BuildGroup(leader, members, dist.rank, distributed.job_store(), " and ".join(sources),
                        distributed.watcher(members))
-    try:
-        if dist.rank == leader:
-            for split, what in older.items():
-                if what:
-                    log.info("%s: %s; building it again as one shard per input file (format 2)", paths[split], what)
-            _lead(plans, paths, cache_dir, tokenizer, data_args, dist, group)
+    built = ensure_datasets(plans, paths, tokenizer, group, cache_dir, _workers(data_args, dist),
+                            data_args.tokenize_chunksize, data_args.overwrite_cache, data_args.verify_data,
+                            {split: flag for split, flag, _ in SPLITS})
+    for split, done in built.items():
+        if done is None:
+            log.info("rank %d: %s: reusing the token dataset in %s (its inputs are unchanged)", dist.rank, split,
+                     paths[split])
         else:
-            share = json.loads(group.wait_for("plan")).get(str(dist.rank), {})
-            try:
-                _build_share(plans, paths, share, tokenizer, data_args, dist, group)
-            except BaseException as e:
-                group.say(f"member/{dist.rank}", f"failed: {_why(e)}")
-                raise
-            group.say(f"member/{dist.rank}", "done")
-            log.info("rank %d: waiting for dataset build: rank %d writes the %s dataset in %s", dist.rank, leader,
-                     group.what, cache_dir)
-            group.wait_for("done")
-    except BaseException as e:
-        if dist.rank == leader and group.store is not None:  # whoever waits on the leader learns why, in one line
-            if group._poll("plan") is None:
-                group.say("plan", f"failed: {_why(e)}")
-            group.say("done", f"failed: {_why(e)}")
-        raise
-    if dist.rank == leader:
-        group.say("done", "done")
+            log.info("rank %d: %s: built %s: %d shard(s) built by %d process(es), %d reused%s", dist.rank, split,
+                     paths[split], done.shards_built, len(members), done.report.reused,
+                     f"\n{done.report.format()}" if done.report.built else "")
     # Everyone has the word within POLL_SECONDS: rank 0 must not leave (--build_dataset_only) and take the store
     # with it before then
-    distributed.barrier()
+    dist.barrier()
     for split in plans:
         _open(plans[split], paths[split], data_args, dist, group)
     distributed.wait_all("datasets open", "every node to check its dataset shards")  # checksums take their time

@@ -1,4 +1,4 @@
-"""Input fingerprints (data/plan.py, data/spec.py): a file whose bytes changed is never taken as unchanged. An edit
+"""Input fingerprints (data/dataset_plan.py, data/spec.py): a file whose bytes changed is never taken as unchanged. An edit
 in place that keeps the size, with the file's times put back (os.utime, as `touch -r` does), changes the ctime: the
 whole file is hashed again, and its shard gets a new fingerprint; while every stat signal agrees nothing is read."""
 
@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import run
-from ds_mlm.data import plan as plan_module
-from ds_mlm.data.plan import BuildOptions, plan_dataset
+from ds_mlm.data import dataset_plan as plan_module
+from ds_mlm.data.dataset_plan import BuildOptions, plan_dataset
 from ds_mlm.tokenization import load_tokenizer
 
 MiB = 1 << 20
