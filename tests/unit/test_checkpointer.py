@@ -1,7 +1,8 @@
 """Checkpoint bookkeeping: the marker listing every file, the pointer written last, rotation, choosing what to resume
 (a damaged checkpoint skipped), clearing an old run only once a new one has started.
 
-The real engine save/load, exact resume and elastic resume are in tests/integration/test_trainer.py and tests/integration/test_elastic.py.
+The real engine save/load, exact resume and elastic resume are in tests/integration/test_trainer.py and
+tests/integration/test_elastic.py.
 """
 
 import json
