@@ -36,8 +36,13 @@ tier() {  # tier NAME MARKER-EXPRESSION [PYTEST-ARGS...]: one pytest run; a tier
   took[$name]=$(( $(date +%s) - start ))
   summary+=("$name ${took[$name]} s")
 }
-tier fast "not slow and not cluster" -n 2 --dist loadfile
-tier integration "slow and not cluster and not alone" -n 2 --dist loadfile
+workers=(-n 2 --dist loadfile)
+if ! "$root/.venv/bin/python" -c "import xdist" 2>/dev/null; then  # a .venv made before the dev extra listed it
+  echo "tests/run.sh: pytest-xdist is not installed (.venv/bin/pip install -e '.[dev]'): the tiers run in one process"
+  workers=()
+fi
+tier fast "not slow and not cluster" "${workers[@]}"
+tier integration "slow and not cluster and not alone" "${workers[@]}"
 tier integration-alone "slow and not cluster and alone"
 tier cluster "cluster"
 printf -v times "%s; " "${summary[@]}"
