@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
-    config_name: str = field(metadata={"help": "Config name, directory or JSON file of the model to train from scratch."})
+    config_name: str = field(metadata={"help": "Config name, directory or JSON file of the model (from scratch)."})
     tokenizer_name: str = field(metadata={"help": "Tokenizer name or directory."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where datasets and hub files are cached."})
 

@@ -3,6 +3,8 @@ job, side by side and interleaved in one run, with the floor (not a test; prints
 
     .venv/bin/python bench/startup.py [--steps 30] [--repeats 2] [--corpus_mb 8] [--corpora /work/shared/corpora]
 
+HF's side needs datasets and accelerate (`pip install -e .[bench]`).
+
 The job, as a user types it on both sides: a byte-level BPE of --vocab_size trained here on the corpus (ds-mlm's
 ds-mlm-train-tokenizer), roberta-tiny (ds-mlm's preset, written once as a config.json that both load: ds-mlm's
 --config_name, HF's --config_name), seq 128, micro-batch 16, --steps optimizer steps on 1 process, learning rate 5e-4
@@ -34,6 +36,7 @@ and after.
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -160,7 +163,8 @@ def prepare(work: Path, args) -> dict:
     timed([*ds_args(job, args.steps), "--output_dir", str(work / "build"), "--build_dataset_only"], work / "build.log")
     warm_ds = time.time() - start
     timed([*hf_args(job), "--output_dir", str(work / "hf_warm")], work / "hf_warm.log")  # no --do_train: maps only
-    print(f"warm-up: ds-mlm --build_dataset_only {warm_ds:.1f} s, HF preprocessing {time.time() - start - warm_ds:.1f} s "
+    warm_hf = time.time() - start - warm_ds
+    print(f"warm-up: ds-mlm --build_dataset_only {warm_ds:.1f} s, HF preprocessing {warm_hf:.1f} s "
           f"({arrow_files(job['hf_cache'])} arrow files cached); precision {'bf16' if job['bf16'] else 'fp32'} both",
           flush=True)
     return job
@@ -185,7 +189,8 @@ def report(args, floor, helps, ds, hf) -> None:
           f"caches), best of {args.repeats}:")
     first, finish = (best(ds, "first_step"), best(hf, "first_step")), (best(ds, "finish"), best(hf, "finish"))
     rss = best(ds, "rss_mib"), best(hf, "rss_mib")
-    steps, tokens = (most(ds, "steps_per_s"), most(hf, "steps_per_s")), (most(ds, "tokens_per_s"), most(hf, "tokens_per_s"))
+    steps = most(ds, "steps_per_s"), most(hf, "steps_per_s")
+    tokens = most(ds, "tokens_per_s"), most(hf, "tokens_per_s")
     row("command to first step", *first, "s", "<= 1x", first[0] <= first[1])
     row("last step to exit", *finish, "s", "<= 1x", finish[0] <= finish[1])
     row("peak RSS", *rss, "MiB", "<= 1.1x", rss[0] <= 1.1 * rss[1], ",.0f")
@@ -211,6 +216,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 2:
         sys.exit("bench/startup.py: --steps must be 2 or more (throughput is measured after step 1)")
+    missing = [m for m in ("datasets", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"bench/startup.py: HF's side needs {' and '.join(missing)}: pip install -e .[bench]")
     print(f"load average before: {load_avg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ds-mlm-startup-") as tmp:
         work = Path(tmp)
@@ -220,7 +228,8 @@ def main() -> None:
         for i in range(args.repeats):  # interleaved: a burst of load from other sessions hits every side alike
             floor.append(timed([PYTHON, "-c", "import torch, transformers"], work / "floor.log"))
             helps.append(timed([PYTHON, "-m", "ds_mlm.run_mlm", "--help"], work / "help.log"))
-            sides = [lambda: ds.append(run_ds(work, job, args.steps, i)), lambda: hf.append(run_hf(work, job, args.steps, i))]
+            sides = [lambda: ds.append(run_ds(work, job, args.steps, i)),
+                     lambda: hf.append(run_hf(work, job, args.steps, i))]
             for side in sides[::-1] if i % 2 else sides:
                 side()
             print(f"repeat {i + 1}: ds-mlm first step {ds[-1]['first_step']:.2f} s, HF {hf[-1]['first_step']:.2f} s; "
