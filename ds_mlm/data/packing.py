@@ -87,7 +87,8 @@ class Packer:
         return PackStats.from_array(self._counts)
 
     def feed(self, tokens: np.ndarray, offsets: np.ndarray, final: bool = False):
-        """Pack one chunk; returns (block_tokens, block_offsets) of the blocks it completed."""
+        """Pack one chunk; returns (block_tokens, block_offsets) of the blocks it completed. Best fit reads the ids
+        still waiting from the last two chunks' `tokens` (views, not copies): do not write into them afterwards."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         if offsets.size == 0 or offsets[0] < 0 or offsets[-1] > tokens.size or np.any(offsets[1:] < offsets[:-1]):
@@ -98,8 +99,9 @@ class Packer:
             best = self._best
             blocks, block_offsets, best.held = pack_best_fit(tokens, offsets, self.block_size, self.bos, self.eos,
                                                              self.sep, self.policy, self.window, best.ring,
-                                                             best.fifo, best.bits, best.held, best.state, final,
-                                                             self._counts)
+                                                             best.fifo, best.bits, best.held, best.before,
+                                                             best.last, best.state, final, self._counts)
+            best.before, best.last = best.last, tokens[offsets[0]:offsets[-1]]  # a view: read while ids wait
             return blocks, block_offsets
         blocks, block_offsets, self._carry = pack_sequential(tokens, offsets, self.block_size, self.bos, self.eos,
                                                              self.sep, self.policy, self._carry, final, self._counts)

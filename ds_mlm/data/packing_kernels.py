@@ -8,9 +8,14 @@ between calls in arrays the caller owns (`BestFitState`), so a call never rebuil
            ids), AFTER (the next waiting piece of the same cost, -1 at the end), USED (1 once in a block)
     fifo   int64 (block_size, 2): per cost (ids + 1), HEAD and TAIL of its waiting pieces, oldest first, -1 if none
     bits   uint64, bit c set while a piece of cost c waits (the tightest fit is the highest set bit <= the room)
-    held   ids of the stream positions [LOC of the oldest waiting piece, end of the last call), each at position
-           & (held.size - 1): the ids of pieces still waiting after their call returned (grown by doubling)
-    state  int64 (4,): pieces numbered so far, the oldest waiting piece, pieces waiting, the stream position next
+    last   the ids of the previous call (a view of its `tokens`, not a copy), `before` those of the call before it:
+           pieces still waiting are read from there, so a chunk's ids are not copied while the window spans at
+           most three calls (the build: 2500 sentences a call, a window of 4096)
+    held   ids of the stream positions [LOC of the oldest waiting piece, first position of `before`), each at
+           position & (held.size - 1): the ids still waiting of older calls, copied there from `before` when it is
+           let go (grown by doubling)
+    state  int64 (6,): pieces numbered so far, the oldest waiting piece, pieces waiting, the stream position next,
+           the stream positions of before[0] and last[0]
 """
 
 from dataclasses import dataclass, fields
@@ -70,7 +75,8 @@ class BestFitState:
         self.fifo = np.full((block_size, 2), -1, dtype=np.int64)
         self.bits = np.zeros((block_size - 1) // 64 + 1, dtype=np.uint64)
         self.held = np.zeros(1, dtype=dtype)
-        self.state = np.zeros(4, dtype=np.int64)
+        self.before = self.last = np.zeros(0, dtype=dtype)
+        self.state = np.zeros(6, dtype=np.int64)
 
 
 @intrinsic
@@ -224,11 +230,12 @@ def hold(held, p, src, a, m):
 
 
 @njit(cache=True)
-def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ring, fifo, bits, held, state, final,
-                  stats):
-    """Best-fit packing of one chunk (packing.py's docstring), continuing from `ring`, `fifo`, `bits`, `held` and
-    `state` (this module's docstring), which it updates. Returns (block_tokens, block_offsets, held): `held` is a
-    new array when it had to grow."""
+def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ring, fifo, bits, held, before, last,
+                  state, final, stats):
+    """Best-fit packing of one chunk (packing.py's docstring), continuing from `ring`, `fifo`, `bits`, `held`,
+    `before`, `last` and `state` (this module's docstring), which it updates. Returns (block_tokens, block_offsets,
+    held): `held` is a new array when it had to grow; the caller then keeps `last` as `before` and this call's ids
+    tokens[offsets[0]:offsets[-1]] as `last`."""
     usable = block_size - 2
     cap = block_size - 1  # a piece costs its ids + 1; a block holds cap of that
     mask = ring.shape[0] - 1
@@ -236,6 +243,7 @@ def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ri
     base = offsets[0]
     total = offsets[n] - base
     count, oldest, waiting, start = state[0], state[1], state[2], state[3]  # tokens[base] is stream position start
+    before_from, last_from = state[4], state[5]
     held_from = ring[oldest & mask, LOC] if waiting > 0 else start
     most = waiting + n + total // usable + 1  # the pieces this call can write
     out = np.empty(start - held_from + total + 2 * most + 1, dtype=tokens.dtype)
@@ -257,12 +265,12 @@ def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ri
             c = m + 1
             r = count & mask
             ring[r, LOC], ring[r, LEN], ring[r, AFTER], ring[r, USED] = start + a - base, m, -1, 0
-            last = fifo[c, TAIL]
-            if last < 0:
+            tail = fifo[c, TAIL]
+            if tail < 0:
                 fifo[c, HEAD] = count
                 bits[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
             else:
-                ring[last & mask, AFTER] = count
+                ring[tail & mask, AFTER] = count
             fifo[c, TAIL] = count
             count += 1
             waiting += 1
@@ -313,6 +321,10 @@ def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ri
             p, m = ring[r, LOC], ring[r, LEN]
             if p >= start:  # in this call's tokens
                 copy_ids(out, pos, tokens, base + p - start, m)
+            elif p >= last_from:  # the previous call's
+                copy_ids(out, pos, last, p - last_from, m)
+            elif p >= before_from:  # the call before
+                copy_ids(out, pos, before, p - before_from, m)
             else:
                 copy_ring(out, pos, held, p, m)
             pos += m
@@ -320,20 +332,20 @@ def pack_best_fit(tokens, offsets, block_size, bos, eos, sep, policy, window, ri
         nb += 1
         while oldest < count and ring[oldest & mask, USED] == 1:
             oldest += 1
-    # the ids still waiting must outlive `tokens`: this call's part of them goes to `held`
+    # `before` is let go: its ids still waiting go to `held`, which then holds [keep_from, last_from)
     end = start + total
     keep_from = ring[oldest & mask, LOC] if waiting > 0 else end
-    if end - keep_from > held.size:  # grown by doubling: a few times per stream
+    if last_from - keep_from > held.size:  # grown by doubling: a few times per stream
         size = held.size
-        while size < end - keep_from:
+        while size < last_from - keep_from:
             size *= 2
-        earlier = np.empty(max(start - keep_from, 0), dtype=held.dtype)  # the waiting ids of earlier calls
+        earlier = np.empty(max(before_from - keep_from, 0), dtype=held.dtype)  # the waiting ids of older calls
         copy_ring(earlier, 0, held, keep_from, earlier.size)
         held = np.empty(size, dtype=held.dtype)
         hold(held, keep_from, earlier, 0, earlier.size)
-    lo = max(keep_from, start)
-    hold(held, lo, tokens, base + lo - start, end - lo)
-    state[0], state[1], state[2], state[3] = count, oldest, waiting, end
+    lo = max(keep_from, before_from)
+    hold(held, lo, before, lo - before_from, max(last_from - lo, 0))
+    state[0], state[1], state[2], state[3], state[4], state[5] = count, oldest, waiting, end, last_from, start
     return out[:pos], out_offsets[:nb + 1], held
 
 

@@ -334,6 +334,25 @@ def test_best_fit_over_many_calls_equals_the_reference(window, block_size, polic
     assert got == reference_best_fit(sentences, block_size, policy, window)[0]
 
 
+@pytest.mark.parametrize("sizes", [(1, 2, 3), (40, 90, 150), (0, 1, 200)])
+def test_best_fit_over_chunks_in_arrays_of_their_own_equals_the_reference(sizes):
+    # As the build feeds it: every chunk a fresh array with offsets from 0. Waiting ids are read from the last two
+    # chunks' arrays, older ones from the held ring: tiny chunks put most of the window there, big ones none of it.
+    rng = np.random.default_rng(sum(sizes))
+    window, block_size = 64, 48
+    lengths = np.clip(rng.lognormal(2.5, 1.0, 1200), 0, 3 * block_size).astype(int)
+    sentences = [rng.integers(5, 60000, n).tolist() for n in lengths]
+    packer = Packer(CONCAT, block_size, BOS, EOS, SEP, "split", np.uint16, "best_fit", window)
+    got, a = [], 0
+    while a < len(sentences):
+        b = min(len(sentences), a + int(rng.choice(sizes)))
+        tokens, offsets = flat(sentences[a:b])
+        got += as_lists(*packer.feed(tokens.copy(), offsets))
+        a = b
+    got += as_lists(*packer.finish())
+    assert got == reference_best_fit(sentences, block_size, "split", window)[0]
+
+
 def test_the_id_copy_refuses_to_write_or_read_out_of_bounds():
     # copy_ids is a raw memcpy: its bounds check is all that stands between a wrong offset and corrupted memory
     dst, src = np.zeros(4, dtype=np.uint16), np.arange(6, dtype=np.uint16)
