@@ -15,6 +15,10 @@ SAMPLE = REPO / "data" / "sample"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under tests/run.sh's two xdist workers on two cores, one OpenMP thread per process: two workers' torch pools of two
+# threads each would spin against each other. Runs compared bit for bit all start inside one worker, so alike.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # What the tests start, and signal, starts with default dispositions however the suite was started: a background job
 # of a script (`bash tests/run.sh &`, cron, CI wrappers) begins with SIGINT and SIGQUIT ignored, nohup with SIGHUP
