@@ -23,7 +23,7 @@ from dataclasses import dataclass  # noqa: E402
 # Only what parsing needs at the top: `--help` and a bad flag answer without importing torch, transformers or
 # DeepSpeed (seconds); each step of the run imports what it uses when it gets there (bench/startup.py measures it).
 from ds_mlm.args import parse_args  # noqa: E402
-from ds_mlm.errors import cli  # noqa: E402
+from ds_mlm.errors import cli, exit_without_teardown  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -222,4 +222,5 @@ cli_main = cli(_command)
 build_dataset_main = cli(build_dataset)
 
 if __name__ == "__main__":
+    exit_without_teardown()  # the run's atexit handlers, then out: no 1.7 s teardown of torch and DeepSpeed
     cli_main()
