@@ -3,11 +3,7 @@ in place that keeps the size, with the file's times put back (os.utime, as `touc
 whole file is hashed again, and its shard gets a new fingerprint; while every stat signal agrees nothing is read."""
 
 import os
-import sys
 
-import pytest
-
-from conftest import run
 from ds_mlm.data import dataset_plan as plan_module
 from ds_mlm.data.dataset_plan import BuildOptions, plan_dataset
 from ds_mlm.tokenization import load_tokenizer
@@ -72,24 +68,3 @@ def test_an_identity_recorded_before_whole_file_hashes_is_hashed_again(tmp_path,
     monkeypatch.setattr(plan_module, "file_fingerprint", lambda p: hashed.append(p) or real(p))
     again = plan_dataset([("src", [str(path)])], tokenizer, BuildOptions(block_size=64), {old["path"]: old})
     assert hashed == [str(path)] and again.fingerprint == first.fingerprint  # same bytes, same (whole) hash
-
-
-@pytest.mark.slow
-def test_the_build_rebuilds_a_70_mib_file_edited_in_place_with_its_times_restored(tmp_path, bpe_tokenizer_dir):
-    train, evaluation = tmp_path / "train", tmp_path / "eval"
-    train.mkdir()
-    evaluation.mkdir()
-    at = write_big(train / "big.txt")
-    (evaluation / "e.txt").write_bytes(TEXT[:2000])
-    cmd = [sys.executable, "-m", "ds_mlm.run_mlm", "--tokenizer_name_or_path", bpe_tokenizer_dir, "--train_dir",
-           train, "--eval_dir", evaluation, "--output_dir", tmp_path / "out", "--datasets_cache_dir",
-           tmp_path / "cache", "--max_seq_length", "64", "--build_dataset_only"]
-    run(cmd)
-    shards = os.listdir(tmp_path / "cache" / "train" / "shards")
-    unchanged = run(cmd)
-    assert "reusing the token dataset" in unchanged.stdout + unchanged.stderr
-    edit_in_place(train / "big.txt", at + 100)
-    edited = run(cmd)
-    assert "reusing the token dataset" not in edited.stdout + edited.stderr
-    rebuilt = os.listdir(tmp_path / "cache" / "train" / "shards")
-    assert len(rebuilt) == 1 and rebuilt != shards  # a new shard, of the new bytes; the old one dropped
