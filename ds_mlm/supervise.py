@@ -28,7 +28,8 @@ What this process does:
     see their launcher chain change (ds_mlm.signals.watch_launcher): they save and stop.
 Exit status: COMMAND's (128 + N when signal N ended it). After a stop, EXIT_PREEMPTED (75) when COMMAND or an
 orphan of the job that ended here exited with it (the ranks saved a checkpoint: a launcher killed by the signal, or
-deepspeed.launcher.launch killed, whose runner then says 0); otherwise a launcher's 0 or generic 1 (torchrun, and
+deepspeed.launcher.launch killed, whose runner then says 0; the same when such orphans ended before the runner's 0
+was noticed, so that no stop was begun here); otherwise a launcher's 0 or generic 1 (torchrun, and
 deepspeed.launcher.launch when it was signalled itself) becomes 128 + the stop signal: a stopped job never says 0.
 """
 
@@ -276,8 +277,10 @@ def step(job: Job) -> bool:
 def exit_status(job: Job) -> int:
     code = job.status if job.status is not None else -signal.SIGKILL
     code = 128 - code if code < 0 else code
-    if job.stop is not None and EXIT_PREEMPTED in (code, *job.orphans_ended):
-        return EXIT_PREEMPTED  # the ranks saved a checkpoint of the step reached: resumable
+    # the ranks saved a checkpoint of the step reached: resumable. Also without a stop begun here: ranks whose launcher
+    # was killed save and may end before COMMAND's own end (the runner's 0) is noticed with them still running
+    if EXIT_PREEMPTED in (code, *job.orphans_ended) and (job.stop is not None or code in (0, LAUNCHER_FAILED)):
+        return EXIT_PREEMPTED
     if job.stop is not None and code in (0, LAUNCHER_FAILED):
         code = 128 + job.stop
     return code
