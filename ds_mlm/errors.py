@@ -62,6 +62,7 @@ def is_peer_loss(error: BaseException) -> bool:
     """Is `error` torch.distributed's word that another process of the job died, hangs or is cut off?"""
     return isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST)
 
+
 _status = None  # the status a cli() command exits with, once it has decided
 
 
