@@ -34,6 +34,9 @@ STUCK_SECONDS = 600.0  # a worker alive but silent this long on one task hangs (
 _PR_SET_PDEATHSIG = 1
 
 
+_STOPS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
 class WorkerDied(Exception):
     """A worker process ended without returning its task's result (killed, or out of memory), or is alive but
     returned nothing for `stuck_seconds` (stopped, swapping, deadlocked)."""
@@ -52,6 +55,7 @@ def _serve(function, tasks, results, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (errors.Terminated): just end
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked across the fork; one that came meanwhile ends us now
     _die_with_parent(parent)
     # A fork keeps the parent's memory, not its threads: a Rust tokenizer whose thread pool ran in the parent
     # (TOKENIZERS_PARALLELISM=true, or set by the caller) would wait forever on pool threads that do not exist here.
@@ -78,12 +82,18 @@ class OrderedPool:
                        for k, (t, r) in enumerate(zip(self._tasks, self._results))]
         self.submitted = self.returned = 0
         self.stuck_seconds = stuck_seconds
+        # A stop signal between the fork and _serve's handlers would run the parent's handler in the child (a
+        # Terminated traceback from multiprocessing's bootstrap, seen when an error ended a pool as it started):
+        # the children are born with the stop signals blocked, and the parent takes its own a moment late.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         try:
             for proc in self._procs:
                 proc.start()
         except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.terminate()
             raise
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     @property
     def pids(self) -> list:

@@ -85,6 +85,34 @@ def test_workers_ignore_sigint_and_end_with_the_parents_exception():
     assert gone(pids)
 
 
+# A stop signal that reaches a worker before _serve sets its own handlers (a pool ended as it starts: CI saw it)
+SIGNAL_AT_BIRTH = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from ds_mlm import errors
+from ds_mlm.data import workers
+errors.install_stop_handlers()
+serve = workers._serve
+def signalled_at_birth(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # here the parent's handler is still the child's
+    serve(*args)
+workers._serve = signalled_at_birth
+try:
+    with workers.OrderedPool(pow, 1) as pool:
+        pool.submit((2, 3))
+        pool.next()
+except workers.WorkerDied as e:
+    print(e)
+"""
+
+
+def test_a_worker_signalled_before_its_handlers_are_set_ends_quietly():
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_BIRTH.format(repo=str(REPO))], capture_output=True,
+                          text=True, timeout=60)
+    assert "exit code -15" in proc.stdout and proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Terminated" not in proc.stderr, proc.stderr
+
+
 PARENT = """
 import sys, time
 sys.path.insert(0, {repo!r})
