@@ -186,6 +186,7 @@ def init(timeout_minutes: float = DISTRIBUTED_TIMEOUT_MINUTES) -> DistInfo:
 
 
 _peers = None
+LINGER_SECONDS = 10.0  # rank 0 after a loss: how long the other survivors get to read its word on who was lost
 
 
 def decide(fn, *args, **kwargs):
@@ -252,10 +253,13 @@ def _forget_peers() -> None:
 def leave(error: Optional[BaseException] = None) -> None:
     """Leave the process group without waiting for the others: on an error, which the other ranks may not share (a
     barrier could wait forever), but without exiting with the group alive (which can end the process in C++ with
-    another status than the error's). For a lost peer, who stopped answering is asked before the store goes."""
+    another status than the error's). For a lost peer, who stopped answering is asked before the store goes; rank 0,
+    whose process serves the store, then keeps it up (bounded) until the other survivors have read its word."""
     said = None
     if error is not None and errors.is_peer_loss(error) and errors.lost_peer_hint is not None:
         said = errors.lost_peer_hint()
+    if said and _peers is not None and _peers.rank == 0:
+        _peers.linger(readers=_peers.world_size - 1 - said.count("rank "), seconds=LINGER_SECONDS)
     _forget_peers()
     if said is not None:
         errors.lost_peer_hint = lambda: said

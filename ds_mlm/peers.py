@@ -50,6 +50,9 @@ class Peers:
         self._stop = threading.Event()
         self._thread = None
         self._calls = itertools.count()  # every rank makes the same calls in the same order: one name per call
+        self._verdict = None  # rank 0's word on who was lost, once read (it can outlive the store: describe_lost)
+        self._acked = False
+        self._ack_lock = threading.Lock()  # the heartbeat and the main thread may both ack: count one
 
     def unique(self, name: str) -> str:
         return f"{name}#{next(self._calls)}"
@@ -70,9 +73,23 @@ class Peers:
         while not self._stop.is_set():
             try:
                 self.store.add(f"{self.prefix}/alive/{self.rank}", 1)
+                if self.rank != 0 and self._verdict is None:
+                    self._read_verdict()  # this rank may be held in a collective with rank 0 until rank 0 exits
             except Exception:  # noqa: BLE001 (the store is gone: the main thread's next wait says so)
                 return
             self._stop.wait(BEAT_SECONDS)
+
+    def _read_verdict(self) -> None:
+        key = f"{self.prefix}/lost"
+        if self.store.check([key]):
+            self._verdict = self.store.get(key).decode()
+            self._ack()
+
+    def _ack(self) -> None:
+        with self._ack_lock:
+            if not self._acked:
+                self.store.add(f"{self.prefix}/lost/read", 1)
+                self._acked = True
 
     # -- asking the store -------------------------------------------------------------------------------------------
 
@@ -157,6 +174,34 @@ class Peers:
             return [(0, os.environ.get("MASTER_ADDR", "?"))]
 
     def describe_lost(self) -> str:
-        """"rank 2 on n3" (the peers that stopped answering), for the lost-peer line."""
+        """"rank 2 on n3" (the peers that stopped answering), for the lost-peer line. Rank 0, whose process serves the
+        store, publishes what it found under `lost`, and every other rank's heartbeat reads it: a rank held in a
+        collective with rank 0 learns of the loss only when rank 0 exits, and would find the store gone and name rank
+        0. Each other rank adds 1 to `lost/read` once it has read or measured; rank 0 waits for that (`linger`)."""
+        if self.rank != 0 and self._verdict is None:
+            try:
+                self._read_verdict()
+            except Exception:  # noqa: BLE001 (the store is gone: measuring says so)
+                pass
+        if self._verdict is not None:
+            return self._verdict
         lost = self.silent()
-        return ", ".join(f"rank {r} on {host}" for r, host in lost) if lost else ""
+        said = ", ".join(f"rank {r} on {host}" for r, host in lost) if lost else ""
+        try:
+            if self.rank == 0:
+                self.store.set(f"{self.prefix}/lost", said.encode())
+            else:
+                self._ack()
+        except Exception:  # noqa: BLE001 (a courtesy to the others: this rank's own line is decided)
+            pass
+        return said
+
+    def linger(self, readers: int, seconds: float) -> None:
+        """Rank 0, after publishing who was lost: keep serving the store until `readers` other ranks have read it or
+        measured for themselves, for at most `seconds`."""
+        deadline, pauses = time.monotonic() + seconds, _pauses(0.2)
+        try:
+            while self.store.add(f"{self.prefix}/lost/read", 0) < readers and time.monotonic() < deadline:
+                time.sleep(next(pauses))
+        except Exception:  # noqa: BLE001 (nobody left to read it)
+            pass

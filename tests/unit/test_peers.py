@@ -43,3 +43,38 @@ def test_a_wait_ends_with_the_value_or_names_the_silent_rank(store, monkeypatch)
     finally:
         rank0.stop()
         rank1.stop()
+
+
+class Gone:
+    """A store whose host has exited: every call fails."""
+
+    def __getattr__(self, name):
+        def fail(*args):
+            raise RuntimeError("Connection reset by peer")
+        return fail
+
+
+def test_rank_0_publishes_who_was_lost_and_a_survivor_that_learns_after_rank_0_exited_names_the_same(store,
+                                                                                                    monkeypatch):
+    """A survivor held in a collective with rank 0 learns of the loss only when rank 0 exits, taking the store with it:
+    its heartbeat has read rank 0's word meanwhile, so it names the lost rank, not rank 0."""
+    monkeypatch.setattr(peersmod, "BEAT_SECONDS", 0.05)
+    rank0, rank2 = Peers(store, 0, 3, stale_seconds=0.3).start(), Peers(store, 2, 3, stale_seconds=0.3).start()
+    store.set(f"{rank0.prefix}/host/1", "n2")  # rank 1 started, then its host died: no heartbeat
+    try:
+        assert rank0.describe_lost() == "rank 1 on n2"
+        started = time.monotonic()
+        rank0.linger(readers=1, seconds=5)  # until rank 2's heartbeat has read it
+        assert time.monotonic() - started < 1
+        rank0.stop()
+        rank2.stop()
+        rank2.store = Gone()  # rank 0 has exited
+        assert [r for r, _ in rank2.silent(window=0.1)] == [0]  # measuring now would blame rank 0
+        assert rank2.describe_lost() == "rank 1 on n2"
+        assert store.add(f"{rank0.prefix}/lost/read", 0) == 1  # read once, counted once
+        started = time.monotonic()
+        rank0.linger(readers=2, seconds=0.3)  # a survivor that never reads it: bounded
+        assert 0.3 <= time.monotonic() - started < 1.5
+    finally:
+        rank0.stop()
+        rank2.stop()
