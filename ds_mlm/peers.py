@@ -188,10 +188,10 @@ class Peers:
         lost = self.silent()
         said = ", ".join(f"rank {r} on {host}" for r, host in lost) if lost else ""
         try:
-            if self.rank == 0:
-                self.store.set(f"{self.prefix}/lost", said.encode())
-            else:
+            if self.rank != 0:
                 self._ack()
+            elif said:  # nobody silent: each survivor measures for itself
+                self.store.set(f"{self.prefix}/lost", said.encode())
         except Exception:  # noqa: BLE001 (a courtesy to the others: this rank's own line is decided)
             pass
         return said

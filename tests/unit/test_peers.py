@@ -78,3 +78,15 @@ def test_rank_0_publishes_who_was_lost_and_a_survivor_that_learns_after_rank_0_e
     finally:
         rank0.stop()
         rank2.stop()
+
+
+def test_rank_0_that_finds_nobody_silent_publishes_nothing(store, monkeypatch):
+    """Its empty answer must not stop the others from measuring for themselves."""
+    monkeypatch.setattr(peersmod, "BEAT_SECONDS", 0.05)
+    rank0, rank1 = Peers(store, 0, 2, stale_seconds=0.3).start(), Peers(store, 1, 2, stale_seconds=0.3).start()
+    try:
+        assert rank0.describe_lost() == ""
+        assert not store.check([f"{rank0.prefix}/lost"])
+    finally:
+        rank0.stop()
+        rank1.stop()
