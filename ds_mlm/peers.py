@@ -14,7 +14,8 @@ for has stopped answering: its heartbeat (a thread that adds 1 to `alive/<rank>`
 for stale_seconds. A stopped process (SIGSTOP), a hung node or a cut link stops its heartbeat; a busy one does not.
 
 Store layout (keys under ds_mlm/peers/<torchelastic attempt>/): host/<rank> = hostname, alive/<rank> = beat count,
-<name> = a value set once, <name>/count = arrivals at a barrier.
+<name> = a value set once, <name>/count = arrivals at a barrier; after a loss, lost = rank 0's word on who was lost
+("rank 1 on n2"), lost/read = how many other ranks have read it (or measured for themselves).
 """
 
 import itertools

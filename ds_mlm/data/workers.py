@@ -32,9 +32,7 @@ from ds_mlm.errors import UserError
 POLL_SECONDS = 0.5
 STUCK_SECONDS = 600.0  # a worker alive but silent this long on one task hangs (a task is one chunk: seconds)
 _PR_SET_PDEATHSIG = 1
-
-
-_STOPS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+_STOPS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}  # blocked across the fork until a worker has its own handlers
 
 
 class WorkerDied(Exception):
