@@ -258,8 +258,8 @@ def leave(error: Optional[BaseException] = None) -> None:
     said = None
     if error is not None and errors.is_peer_loss(error) and errors.lost_peer_hint is not None:
         said = errors.lost_peer_hint()
-    if said and _peers is not None and _peers.rank == 0:
-        _peers.linger(readers=_peers.world_size - 1 - said.count("rank "), seconds=LINGER_SECONDS)
+    if said and _peers is not None:
+        _peers.linger(LINGER_SECONDS)  # rank 0, which published `said`; the others go on at once
     _forget_peers()
     if said is not None:
         errors.lost_peer_hint = lambda: said

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Optional
 
 from ds_mlm.errors import PeerLost
 
@@ -53,6 +54,7 @@ class Peers:
         self._calls = itertools.count()  # every rank makes the same calls in the same order: one name per call
         self._verdict = None  # rank 0's word on who was lost, once read (it can outlive the store: describe_lost)
         self._acked = False
+        self._published = None  # rank 0: how many ranks its published answer names as lost (None: it published none)
         self._ack_lock = threading.Lock()  # the heartbeat and the main thread may both ack: count one
 
     def unique(self, name: str) -> str:
@@ -193,13 +195,18 @@ class Peers:
                 self._ack()
             elif said:  # nobody silent: each survivor measures for itself
                 self.store.set(f"{self.prefix}/lost", said.encode())
+                self._published = len(lost)
         except Exception:  # noqa: BLE001 (a courtesy to the others: this rank's own line is decided)
             pass
         return said
 
-    def linger(self, readers: int, seconds: float) -> None:
-        """Rank 0, after publishing who was lost: keep serving the store until `readers` other ranks have read it or
-        measured for themselves, for at most `seconds`."""
+    def linger(self, seconds: float, readers: Optional[int] = None) -> None:
+        """Rank 0, after publishing who was lost: keep serving the store until `readers` other ranks (by default every
+        rank its answer did not name) have read it or measured for themselves, for at most `seconds`. A no-op on a
+        rank that published nothing."""
+        if self._published is None:
+            return
+        readers = self.world_size - 1 - self._published if readers is None else readers
         deadline, pauses = time.monotonic() + seconds, _pauses(0.2)
         try:
             while self.store.add(f"{self.prefix}/lost/read", 0) < readers and time.monotonic() < deadline:

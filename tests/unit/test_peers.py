@@ -64,7 +64,7 @@ def test_rank_0_publishes_who_was_lost_and_a_survivor_that_learns_after_rank_0_e
     try:
         assert rank0.describe_lost() == "rank 1 on n2"
         started = time.monotonic()
-        rank0.linger(readers=1, seconds=5)  # until rank 2's heartbeat has read it
+        rank0.linger(seconds=5)  # until rank 2 (every rank but the lost one) has read it, by its heartbeat
         assert time.monotonic() - started < 1
         rank0.stop()
         rank2.stop()
@@ -73,7 +73,7 @@ def test_rank_0_publishes_who_was_lost_and_a_survivor_that_learns_after_rank_0_e
         assert rank2.describe_lost() == "rank 1 on n2"
         assert store.add(f"{rank0.prefix}/lost/read", 0) == 1  # read once, counted once
         started = time.monotonic()
-        rank0.linger(readers=2, seconds=0.3)  # a survivor that never reads it: bounded
+        rank0.linger(seconds=0.3, readers=2)  # a survivor that never reads it: bounded
         assert 0.3 <= time.monotonic() - started < 1.5
     finally:
         rank0.stop()
