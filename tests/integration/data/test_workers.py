@@ -10,7 +10,26 @@ import pytest
 
 from ds_mlm.data.workers import OrderedPool, WorkerDied
 from conftest import REPO
-from unit.data.test_workers import TOKENIZER_THEN_POOL, gone, slow_square  # noqa: F401 (fixtures among them)
+from unit.data.test_workers import gone, slow_square  # noqa: F401 (fixtures among them)
+
+# The caller ran its fast tokenizer's Rust thread pool, then the build forks its workers: with
+# TOKENIZERS_PARALLELISM=true, a forked worker waited forever on pool threads that exist only in the parent.
+TOKENIZER_THEN_POOL = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from transformers import AutoTokenizer
+from ds_mlm.data import build
+from ds_mlm.data.spec import encode_lines
+from ds_mlm.data.workers import OrderedPool
+tok = AutoTokenizer.from_pretrained({tok!r})
+encode_lines(tok, ["the caller uses its tokenizer"] * 2000)
+build._TOKENIZER = tok
+with OrderedPool(build._tokenize, 2) as pool:
+    for _ in range(4):
+        pool.submit((["some text to tokenize"] * 500, len(tok), np.dtype("int32")))
+    print(sum(len(pool.next()[0]) for _ in range(4)))
+"""
 
 
 @pytest.mark.slow

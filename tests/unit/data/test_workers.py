@@ -135,23 +135,3 @@ def test_workers_die_with_a_parent_killed_by_sigkill_and_release_its_stdout():
     assert parent.stdout.read() == ""  # EOF: no worker holds the pipe (a `| tee` ends)
     assert time.monotonic() - started < 5
     assert gone(pids)
-
-
-# The caller ran its fast tokenizer's Rust thread pool, then the build forks its workers: with
-# TOKENIZERS_PARALLELISM=true, a forked worker waited forever on pool threads that exist only in the parent.
-TOKENIZER_THEN_POOL = """
-import sys
-sys.path.insert(0, {repo!r})
-import numpy as np
-from transformers import AutoTokenizer
-from ds_mlm.data import build
-from ds_mlm.data.spec import encode_lines
-from ds_mlm.data.workers import OrderedPool
-tok = AutoTokenizer.from_pretrained({tok!r})
-encode_lines(tok, ["the caller uses its tokenizer"] * 2000)
-build._TOKENIZER = tok
-with OrderedPool(build._tokenize, 2) as pool:
-    for _ in range(4):
-        pool.submit((["some text to tokenize"] * 500, len(tok), np.dtype("int32")))
-    print(sum(len(pool.next()[0]) for _ in range(4)))
-"""
