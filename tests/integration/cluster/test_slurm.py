@@ -151,6 +151,11 @@ def records(out: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Slurm signals every process of the step (a time limit's --signal, a requeue's SIGTERM): a rank that finds its killed
+# launcher gone before its own signal is handled says so instead; either way it saves the step it reached
+STOPPED = r"stopped by (?:{signal}|its launcher's end) at step (\d+), saved in checkpoint-\1"
+
+
 def losses(out: Path) -> list:
     return [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
 
@@ -189,9 +194,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, jobs,
     text = log.read_text(errors="replace")
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-4000:]
     assert "pretrain.sbatch: SIGUSR1: passing it to the job step" in text
-    # Slurm signals every process of the step: a rank that finds its (killed) launcher gone before its own pending
-    # SIGUSR1 is handled says so instead (the frozen ranks see both at once); either way it saves the step reached
-    stopped = re.search(r"stopped by (?:SIGUSR1|its launcher's end) at step (\d+), saved in checkpoint-\1", text)
+    stopped = re.search(STOPPED.format(signal="SIGUSR1"), text)
     assert stopped, text[-4000:]
     assert f"requeueing job {job} to resume from its checkpoint" in text
     assert "start 2 (SLURM_RESTART_COUNT=1)" in text
@@ -205,7 +208,7 @@ def test_requeued_job_resumes_on_fewer_nodes(slurm, jobs, reference):
     record = slurm.finish(job, log)
     text = log.read_text(errors="replace")
     assert record["JobState"] == "COMPLETED" and record["NumNodes"] == "1", text[-4000:]
-    stopped = re.search(r"stopped by SIGTERM at step (\d+), saved in checkpoint-\1", text)
+    stopped = re.search(STOPPED.format(signal="SIGTERM"), text)
     assert stopped, text[-4000:]
     k = int(stopped.group(1))
     assert "start 2 (SLURM_RESTART_COUNT=1), 1 node(s)" in text and "gradient accumulation 2" in text
